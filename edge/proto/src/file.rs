@@ -1,0 +1,1 @@
+//! The Traefik file-provider format.
