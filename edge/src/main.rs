@@ -1,1 +1,218 @@
-fn main(){}
+//! The edge data plane: thread-per-core HTTPS reverse proxy with Traefik-compatible routing.
+
+mod access_log;
+mod admin;
+mod control;
+mod demo;
+mod http1;
+mod io;
+mod listen;
+mod logging;
+mod metrics;
+mod settings;
+mod state;
+mod tls;
+mod upstream;
+mod worker;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    process::ExitCode,
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use arc_swap::ArcSwap;
+use clap::Parser;
+use edge_proto::Snapshot;
+use tracing::{error, info};
+
+use crate::{
+    control::Control,
+    metrics::{RouteStats, WorkerMetrics},
+    settings::{Cli, Command, RunArgs, Settings},
+    state::Shared,
+    worker::WorkerListeners,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.run.log_format);
+    let result = match cli.command {
+        Some(Command::CheckConfig { file }) => check_config(&file),
+        Some(Command::Demo) => run_demo(cli.run),
+        None => run(cli.run, None),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = format!("{e:#}"), "edge failed");
+            eprintln!("edge: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+    let snapshot = match control::load_routes(file) {
+        Ok(s) => s,
+        Err(errors) => {
+            for e in &errors {
+                println!("{}: {e}", file.display());
+            }
+            bail!("{} has {} error(s)", file.display(), errors.len());
+        }
+    };
+    let fallback = tls::self_signed_default()?;
+    let registry = Mutex::new(HashMap::new());
+    match state::compile_with(&snapshot, fallback, &registry, 1) {
+        Ok(compiled) => {
+            println!(
+                "{}: valid: {} router(s), {} service(s), {} certificate name(s)",
+                file.display(),
+                compiled.routers.len(),
+                compiled.services.len(),
+                compiled.certs.name_count()
+            );
+            Ok(())
+        }
+        Err(errors) => {
+            for e in &errors {
+                println!("{}: {e}", file.display());
+            }
+            bail!("{} has {} error(s)", file.display(), errors.len());
+        }
+    }
+}
+
+fn run_demo(mut args: RunArgs) -> anyhow::Result<()> {
+    // The demo uses unprivileged loopback ports unless addresses were given.
+    let defaults = RunArgs::default_addrs();
+    if args.http_addr == defaults.0 {
+        args.http_addr = "127.0.0.1:8080".parse()?;
+    }
+    if args.https_addr == defaults.1 {
+        args.https_addr = "127.0.0.1:8443".parse()?;
+    }
+    let backend = demo::start_backend().context("starting the demo backend")?;
+    let snapshot = demo::snapshot(backend);
+    run(args, Some(snapshot))
+}
+
+fn run(args: RunArgs, fixed_snapshot: Option<Snapshot>) -> anyhow::Result<()> {
+    let workers = Settings::from_args(&args, 443).workers;
+    let https = listen::bind_reuseport(args.https_addr, workers)?;
+    let http = listen::bind_reuseport(args.http_addr, workers)?;
+    let https_addr = https[0].local_addr()?;
+    let http_addr = http[0].local_addr()?;
+    let admin = std::net::TcpListener::bind(args.admin_addr)
+        .with_context(|| format!("cannot listen on the admin address {}", args.admin_addr))?;
+    let admin_addr = admin.local_addr()?;
+    let settings = Settings::from_args(&args, https_addr.port());
+
+    let initial = match (&fixed_snapshot, &args.routes_file) {
+        (Some(snapshot), _) => snapshot.clone(),
+        (None, Some(path)) => control::load_routes(path).map_err(|errors| {
+            anyhow::anyhow!(
+                "invalid routes file {}:\n  {}",
+                path.display(),
+                errors.join("\n  ")
+            )
+        })?,
+        (None, None) => {
+            info!("no routes file given: every request gets 404 until one is configured");
+            Snapshot::default()
+        }
+    };
+
+    let fallback_cert = tls::self_signed_default()?;
+    let route_stats = Mutex::new(HashMap::new());
+    let compiled = state::compile_with(
+        &initial,
+        fallback_cert.clone(),
+        &route_stats,
+        settings.workers,
+    )
+    .map_err(|errors| {
+        let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("invalid routes:\n  {}", lines.join("\n  "))
+    })?;
+    let shared = Arc::new(Shared {
+        current: Arc::new(ArcSwap::from_pointee(compiled)),
+        metrics: (0..settings.workers)
+            .map(|_| WorkerMetrics::default())
+            .collect(),
+        route_stats,
+        unrouted_stats: Arc::new(RouteStats::new(settings.workers)),
+        ready_workers: Default::default(),
+        fallback_cert,
+        ticketer: rustls::crypto::ring::Ticketer::new().context("creating the TLS ticket key")?,
+        settings,
+    });
+
+    let mut stops = Vec::new();
+    let mut handles = Vec::new();
+    for (id, (http, https)) in http.into_iter().zip(https).enumerate() {
+        let (stop_tx, stop_rx) = futures_channel::oneshot::channel();
+        stops.push(stop_tx);
+        handles.push(worker::spawn(
+            id,
+            shared.clone(),
+            WorkerListeners { http, https },
+            stop_rx,
+        )?);
+    }
+    {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("edge-admin".into())
+            .spawn(move || admin::serve(admin, shared))?;
+    }
+
+    let started = Instant::now();
+    while shared.ready_workers.load(Ordering::SeqCst) < shared.settings.workers {
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("workers did not start within 30s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    info!(
+        http_addr = %http_addr,
+        https_addr = %https_addr,
+        admin_addr = %admin_addr,
+        workers = shared.settings.workers,
+        "edge ready"
+    );
+    if fixed_snapshot.is_some() {
+        print_demo_help(http_addr, https_addr, admin_addr);
+    }
+
+    let version = shared.current.load().version;
+    let signal = Control::new(
+        shared.clone(),
+        args.routes_file.clone(),
+        version,
+        args.reload_interval,
+    )
+    .run()?;
+    info!(signal, grace = ?shared.settings.shutdown_grace, "stopping: no new connections, finishing in-flight requests");
+    for stop in stops {
+        let _ = stop.send(());
+    }
+    for handle in handles {
+        let _ = handle.join();
+    }
+    info!("edge stopped");
+    Ok(())
+}
+
+fn print_demo_help(http: SocketAddr, https: SocketAddr, admin: SocketAddr) {
+    eprintln!(
+        "\nedge demo is running. Try:\n  curl -k https://localhost:{}/hello\n  curl -i http://localhost:{}/hello          (redirects to HTTPS)\n  curl -H 'Host: plain.localhost' http://127.0.0.1:{}/   (a plain-HTTP route)\n  curl http://{admin}/metrics\nStop it with Ctrl-C.\n",
+        https.port(),
+        http.port(),
+        http.port(),
+    );
+}

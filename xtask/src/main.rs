@@ -1,1 +1,100 @@
-fn main(){}
+//! Project tasks: `cargo xtask test` (the full test suite, installing what it needs) and
+//! `cargo xtask tidy` (repository conventions).
+#![forbid(unsafe_code)]
+
+mod tidy;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context as _};
+
+/// Debian packages the test suite runs: real TLS and HTTP clients.
+const TEST_PACKAGES: &[(&str, &str)] = &[("curl", "curl"), ("openssl", "openssl")];
+
+fn main() -> ExitCode {
+    let task = std::env::args().nth(1).unwrap_or_default();
+    let result = match task.as_str() {
+        "test" => test(),
+        "tidy" => tidy::check(&workspace_root()),
+        _ => {
+            eprintln!("usage: cargo xtask <test|tidy>\n  test  install test dependencies, then run tidy, every test and clippy\n  tidy  check repository conventions");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask {task}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn test() -> anyhow::Result<()> {
+    let root = workspace_root();
+    install_packages(TEST_PACKAGES)?;
+    tidy::check(&root)?;
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["test", "--workspace", "--locked"]))?;
+    run(Command::new("cargo").current_dir(&root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    Ok(())
+}
+
+/// Installs the Debian packages whose commands are missing. Needs root and apt-get.
+fn install_packages(packages: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(command, _)| !command_exists(command))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !command_exists("apt-get") {
+        bail!("missing commands from packages {missing:?}, and apt-get is not available to install them");
+    }
+    eprintln!("xtask: installing {missing:?}");
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .context("installing test packages (run as root)")
+}
+
+fn command_exists(name: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {name} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}

@@ -175,9 +175,18 @@ mod tests {
 
     #[test]
     fn priority_defaults_to_rule_length() {
-        assert_eq!(router("Host(`a.b`)", None, &[], false).effective_priority(), 11);
-        assert_eq!(router("Host(`a.b`)", Some(0), &[], false).effective_priority(), 11);
-        assert_eq!(router("Host(`a.b`)", Some(-3), &[], false).effective_priority(), -3);
+        assert_eq!(
+            router("Host(`a.b`)", None, &[], false).effective_priority(),
+            11
+        );
+        assert_eq!(
+            router("Host(`a.b`)", Some(0), &[], false).effective_priority(),
+            11
+        );
+        assert_eq!(
+            router("Host(`a.b`)", Some(-3), &[], false).effective_priority(),
+            -3
+        );
     }
 
     #[test]

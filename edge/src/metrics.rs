@@ -1,0 +1,247 @@
+//! Counters kept per worker and their Prometheus text rendering.
+//!
+//! Each counter has exactly one writer, the worker that owns it, so an increment is a relaxed
+//! load and store on a cache line no other core writes. The admin listener sums the workers'
+//! values when /metrics is scraped.
+
+use std::{
+    fmt::Write as _,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+};
+
+use crate::state::Shared;
+
+/// Adds one to a counter that only the calling worker writes.
+#[inline]
+pub fn bump(counter: &AtomicU64) {
+    counter.store(counter.load(Relaxed).wrapping_add(1), Relaxed);
+}
+
+#[inline]
+fn add(counter: &AtomicU64, n: u64) {
+    counter.store(counter.load(Relaxed).wrapping_add(n), Relaxed);
+}
+
+#[inline]
+fn sub(counter: &AtomicU64, n: u64) {
+    counter.store(counter.load(Relaxed).wrapping_sub(n), Relaxed);
+}
+
+/// Why a request to a backend failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    Connect,
+    ConnectTimeout,
+    ResponseTimeout,
+    /// Closed or reset before a complete response.
+    Reset,
+    /// Sent a response that cannot be parsed or framed.
+    Protocol,
+}
+
+impl UpstreamErrorKind {
+    const ALL: [UpstreamErrorKind; 5] = [
+        UpstreamErrorKind::Connect,
+        UpstreamErrorKind::ConnectTimeout,
+        UpstreamErrorKind::ResponseTimeout,
+        UpstreamErrorKind::Reset,
+        UpstreamErrorKind::Protocol,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::ConnectTimeout => "connect_timeout",
+            UpstreamErrorKind::ResponseTimeout => "response_timeout",
+            UpstreamErrorKind::Reset => "reset",
+            UpstreamErrorKind::Protocol => "protocol",
+        }
+    }
+}
+
+/// The counters of one worker.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct WorkerMetrics {
+    pub active_http: AtomicU64,
+    pub active_https: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub tls_handshakes: AtomicU64,
+    pub tls_handshake_failures: AtomicU64,
+    upstream_errors: [AtomicU64; 5],
+}
+
+impl WorkerMetrics {
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        bump(&self.upstream_errors[kind as usize]);
+    }
+
+    pub fn connection_opened(&self, https: bool) {
+        bump(&self.connections_total);
+        add(self.active(https), 1);
+    }
+
+    pub fn connection_closed(&self, https: bool) {
+        sub(self.active(https), 1);
+    }
+
+    fn active(&self, https: bool) -> &AtomicU64 {
+        if https {
+            &self.active_https
+        } else {
+            &self.active_http
+        }
+    }
+}
+
+/// Requests of one route by status class (1xx to 5xx), per worker.
+#[derive(Debug)]
+pub struct RouteStats {
+    per_worker: Box<[StatusCounters]>,
+}
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct StatusCounters([AtomicU64; 5]);
+
+impl RouteStats {
+    pub fn new(workers: usize) -> Self {
+        Self {
+            per_worker: (0..workers).map(|_| StatusCounters::default()).collect(),
+        }
+    }
+
+    /// Counts one response with `status` on `worker`.
+    pub fn record(&self, worker: usize, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        if let Some(counters) = self.per_worker.get(worker) {
+            bump(&counters.0[class]);
+        }
+    }
+
+    fn totals(&self) -> [u64; 5] {
+        let mut sums = [0u64; 5];
+        for counters in self.per_worker.iter() {
+            for (sum, c) in sums.iter_mut().zip(&counters.0) {
+                *sum += c.load(Relaxed);
+            }
+        }
+        sums
+    }
+}
+
+/// Renders all counters in the Prometheus text exposition format.
+pub fn render(shared: &Shared) -> String {
+    let mut out = String::with_capacity(4096);
+    let sum = |f: &dyn Fn(&WorkerMetrics) -> u64| -> u64 { shared.metrics.iter().map(f).sum() };
+
+    out.push_str("# HELP edge_requests_total Responses sent, by route and status class.\n");
+    out.push_str("# TYPE edge_requests_total counter\n");
+    let mut write_route = |route: &str, stats: &RouteStats| {
+        for (i, n) in stats.totals().iter().enumerate() {
+            if *n > 0 {
+                let _ = writeln!(
+                    out,
+                    "edge_requests_total{{route=\"{}\",code=\"{}xx\"}} {n}",
+                    escape_label(route),
+                    i + 1
+                );
+            }
+        }
+    };
+    write_route("", &shared.unrouted_stats);
+    {
+        let registry = shared
+            .route_stats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut names: Vec<_> = registry.keys().collect();
+        names.sort();
+        for name in names {
+            write_route(name, &registry[name]);
+        }
+    }
+
+    out.push_str("# HELP edge_connections_active Open client connections.\n");
+    out.push_str("# TYPE edge_connections_active gauge\n");
+    let _ = writeln!(
+        out,
+        "edge_connections_active{{listener=\"web\"}} {}",
+        sum(&|m| m.active_http.load(Relaxed))
+    );
+    let _ = writeln!(
+        out,
+        "edge_connections_active{{listener=\"websecure\"}} {}",
+        sum(&|m| m.active_https.load(Relaxed))
+    );
+    out.push_str("# HELP edge_connections_total Client connections accepted.\n");
+    out.push_str("# TYPE edge_connections_total counter\n");
+    let _ = writeln!(
+        out,
+        "edge_connections_total {}",
+        sum(&|m| m.connections_total.load(Relaxed))
+    );
+    out.push_str("# HELP edge_tls_handshakes_total Completed TLS handshakes.\n");
+    out.push_str("# TYPE edge_tls_handshakes_total counter\n");
+    let _ = writeln!(
+        out,
+        "edge_tls_handshakes_total {}",
+        sum(&|m| m.tls_handshakes.load(Relaxed))
+    );
+    out.push_str("# HELP edge_tls_handshake_failures_total Failed or timed-out TLS handshakes.\n");
+    out.push_str("# TYPE edge_tls_handshake_failures_total counter\n");
+    let _ = writeln!(
+        out,
+        "edge_tls_handshake_failures_total {}",
+        sum(&|m| m.tls_handshake_failures.load(Relaxed))
+    );
+    out.push_str("# HELP edge_upstream_errors_total Failed requests to backends, by kind.\n");
+    out.push_str("# TYPE edge_upstream_errors_total counter\n");
+    for kind in UpstreamErrorKind::ALL {
+        let _ = writeln!(
+            out,
+            "edge_upstream_errors_total{{kind=\"{}\"}} {}",
+            kind.label(),
+            sum(&|m| m.upstream_errors[kind as usize].load(Relaxed))
+        );
+    }
+    out.push_str("# HELP edge_workers_ready Workers that have started serving.\n");
+    out.push_str("# TYPE edge_workers_ready gauge\n");
+    let _ = writeln!(
+        out,
+        "edge_workers_ready {}",
+        shared.ready_workers.load(Relaxed)
+    );
+    let compiled = shared.current.load();
+    out.push_str("# HELP edge_config_version Version of the routes snapshot being served.\n");
+    out.push_str("# TYPE edge_config_version gauge\n");
+    let _ = writeln!(out, "edge_config_version {}", compiled.version);
+    out
+}
+
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_stats_sum_workers() {
+        let stats = RouteStats::new(2);
+        stats.record(0, 200);
+        stats.record(1, 204);
+        stats.record(1, 502);
+        stats.record(7, 200);
+        assert_eq!(stats.totals(), [0, 2, 0, 0, 1]);
+    }
+
+    #[test]
+    fn label_escaping() {
+        assert_eq!(escape_label("a\"b\\c"), "a\\\"b\\\\c");
+    }
+}

@@ -1,0 +1,350 @@
+//! The compiled snapshot that workers read, and the process-wide state around it.
+//!
+//! A [`Compiled`] is built from an [`edge_proto::Snapshot`] on the control thread (rules parsed,
+//! regexes compiled, backend names resolved, certificates loaded) and published through one
+//! `ArcSwap`. Workers hold a cached `Arc` and see a new snapshot on their next request; nothing
+//! on the request path takes a lock.
+
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, ToSocketAddrs},
+    sync::{atomic::AtomicUsize, Arc, Mutex},
+};
+
+use arc_swap::ArcSwap;
+use edge_proto::{
+    rule::{self, Expr, HostPattern, RequestView},
+    Balance, ServerState, Snapshot, ENTRYPOINT_WEB, ENTRYPOINT_WEBSECURE,
+};
+use rustls::sign::CertifiedKey;
+
+use crate::{
+    metrics::{RouteStats, WorkerMetrics},
+    settings::Settings,
+    tls::CertStore,
+};
+
+/// A snapshot ready for the request path.
+#[derive(Debug)]
+pub struct Compiled {
+    pub version: u64,
+    /// Routers sorted by descending priority, then by name.
+    pub routers: Vec<CompiledRouter>,
+    /// Router indices by exact host, ascending (so in priority order).
+    exact: HashMap<String, Vec<u32>>,
+    /// Router indices by the parent domain of a one-label wildcard.
+    wildcard: HashMap<String, Vec<u32>>,
+    /// Routers whose rule implies no host set.
+    any_host: Vec<u32>,
+    pub services: Vec<CompiledService>,
+    pub certs: CertStore,
+}
+
+#[derive(Debug)]
+pub struct CompiledRouter {
+    pub name: Arc<str>,
+    pub expr: Expr,
+    pub service: usize,
+    pub on_web: bool,
+    pub on_websecure: bool,
+    /// Serves plain HTTP on `web` instead of redirecting to HTTPS.
+    pub plain_http: bool,
+    pub max_request_body_bytes: Option<u64>,
+    pub stats: Arc<RouteStats>,
+}
+
+#[derive(Debug)]
+pub struct CompiledService {
+    pub servers: Vec<CompiledServer>,
+    pub balance: Balance,
+    pub pass_host_header: bool,
+}
+
+#[derive(Debug)]
+pub struct CompiledServer {
+    pub addr: SocketAddr,
+    /// `host:port` as written in the URL, sent as Host when the client's is not passed on.
+    pub authority: String,
+    pub state: ServerState,
+}
+
+/// Which listener a request arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryPoint {
+    Web,
+    WebSecure,
+}
+
+impl EntryPoint {
+    pub fn name(self) -> &'static str {
+        match self {
+            EntryPoint::Web => ENTRYPOINT_WEB,
+            EntryPoint::WebSecure => ENTRYPOINT_WEBSECURE,
+        }
+    }
+}
+
+impl Compiled {
+    /// Returns the highest-priority router on `entrypoint` whose rule matches. `req.host()`
+    /// must already be normalised (lowercase, no port, no trailing dot).
+    pub fn route(&self, entrypoint: EntryPoint, req: &dyn RequestView) -> Option<&CompiledRouter> {
+        let host = req.host();
+        let exact = self.exact.get(host).map_or(&[][..], Vec::as_slice);
+        let wildcard = host
+            .split_once('.')
+            .and_then(|(_, parent)| self.wildcard.get(parent))
+            .map_or(&[][..], Vec::as_slice);
+        let (mut a, mut b, mut c) = (
+            exact.iter().peekable(),
+            wildcard.iter().peekable(),
+            self.any_host.iter().peekable(),
+        );
+        loop {
+            // Merge the three ascending index lists so routers are tried in priority order.
+            let next = [a.peek(), b.peek(), c.peek()]
+                .into_iter()
+                .flatten()
+                .min()
+                .copied()
+                .copied()?;
+            for it in [&mut a, &mut b, &mut c] {
+                if it.peek() == Some(&&next) {
+                    it.next();
+                }
+            }
+            let router = &self.routers[next as usize];
+            let on_entrypoint = match entrypoint {
+                EntryPoint::Web => router.on_web,
+                EntryPoint::WebSecure => router.on_websecure,
+            };
+            if on_entrypoint && router.expr.matches(req) {
+                return Some(router);
+            }
+        }
+    }
+}
+
+/// State shared by the workers, the admin listener and the control thread.
+pub struct Shared {
+    pub settings: Settings,
+    pub current: Arc<ArcSwap<Compiled>>,
+    pub metrics: Box<[WorkerMetrics]>,
+    /// Per-route counters by router name, kept across reloads. Locked only when compiling a
+    /// snapshot and when rendering /metrics, never on the request path.
+    pub route_stats: Mutex<HashMap<String, Arc<RouteStats>>>,
+    /// Counters for requests answered without a route (404, redirects, 400s).
+    pub unrouted_stats: Arc<RouteStats>,
+    pub ready_workers: AtomicUsize,
+    pub fallback_cert: Arc<CertifiedKey>,
+    pub ticketer: Arc<dyn rustls::server::ProducesTickets>,
+}
+
+/// One reason a snapshot cannot be compiled, with the key path of the offending value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct CompileError {
+    pub key: String,
+    pub message: String,
+}
+
+/// Compiles `snapshot`: validates it, parses every rule, resolves backend addresses and loads
+/// certificates.
+///
+/// # Errors
+/// Every problem found, not just the first.
+pub fn compile(snapshot: &Snapshot, shared: &Shared) -> Result<Compiled, Vec<CompileError>> {
+    compile_with(
+        snapshot,
+        shared.fallback_cert.clone(),
+        &shared.route_stats,
+        shared.settings.workers,
+    )
+}
+
+pub fn compile_with(
+    snapshot: &Snapshot,
+    fallback_cert: Arc<CertifiedKey>,
+    route_stats: &Mutex<HashMap<String, Arc<RouteStats>>>,
+    workers: usize,
+) -> Result<Compiled, Vec<CompileError>> {
+    let mut errors = Vec::new();
+    if let Err(e) = edge_proto::file::validate(snapshot) {
+        errors.extend(e.0.into_iter().map(|e| CompileError {
+            key: e.key.clone(),
+            message: match &e.value {
+                Some(v) => format!("{} (value {v:?})", e.message),
+                None => e.message.clone(),
+            },
+        }));
+        return Err(errors);
+    }
+
+    let mut services = Vec::with_capacity(snapshot.services.len());
+    let mut service_index = HashMap::new();
+    for service in &snapshot.services {
+        let mut servers = Vec::with_capacity(service.servers.len());
+        for (i, server) in service.servers.iter().enumerate() {
+            match resolve_server_url(&server.url) {
+                Ok((addr, authority)) => servers.push(CompiledServer {
+                    addr,
+                    authority,
+                    state: server.state,
+                }),
+                Err(message) => errors.push(CompileError {
+                    key: format!("services[{}].servers[{i}].url", service.name),
+                    message,
+                }),
+            }
+        }
+        service_index.insert(service.name.as_str(), services.len());
+        services.push(CompiledService {
+            servers,
+            balance: service.balance,
+            pass_host_header: service.pass_host_header,
+        });
+    }
+
+    let mut stats_registry = route_stats
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut routers = Vec::with_capacity(snapshot.routers.len());
+    for router in &snapshot.routers {
+        let expr = match rule::parse(&router.rule) {
+            Ok(expr) => expr,
+            Err(e) => {
+                errors.push(CompileError {
+                    key: format!("routers[{}].rule", router.name),
+                    message: e.to_string(),
+                });
+                continue;
+            }
+        };
+        let Some(&service) = service_index.get(router.service.as_str()) else {
+            errors.push(CompileError {
+                key: format!("routers[{}].service", router.name),
+                message: format!("service {:?} not found", router.service),
+            });
+            continue;
+        };
+        let stats = stats_registry
+            .entry(router.name.clone())
+            .or_insert_with(|| Arc::new(RouteStats::new(workers)))
+            .clone();
+        routers.push((
+            router.effective_priority(),
+            CompiledRouter {
+                name: Arc::from(router.name.as_str()),
+                expr,
+                service,
+                on_web: router.is_on_entrypoint(ENTRYPOINT_WEB),
+                on_websecure: router.is_on_entrypoint(ENTRYPOINT_WEBSECURE),
+                plain_http: router.is_plain_http(),
+                max_request_body_bytes: router.max_request_body_bytes,
+                stats,
+            },
+        ));
+    }
+    drop(stats_registry);
+
+    let certs = match CertStore::build(
+        &snapshot.certificates,
+        snapshot.default_certificate.as_ref(),
+        fallback_cert,
+    ) {
+        Ok(store) => Some(store),
+        Err(cert_errors) => {
+            errors.extend(cert_errors.into_iter().map(|e| CompileError {
+                key: "tls.certificates".to_owned(),
+                message: e.to_string(),
+            }));
+            None
+        }
+    };
+    let Some(certs) = certs.filter(|_| errors.is_empty()) else {
+        return Err(errors);
+    };
+
+    // Descending priority; equal priorities are ordered by name so the choice is
+    // deterministic (Traefik leaves that order unspecified).
+    routers.sort_by(|(pa, ra), (pb, rb)| pb.cmp(pa).then_with(|| ra.name.cmp(&rb.name)));
+    let routers: Vec<CompiledRouter> = routers.into_iter().map(|(_, r)| r).collect();
+
+    let mut exact: HashMap<String, Vec<u32>> = HashMap::new();
+    let mut wildcard: HashMap<String, Vec<u32>> = HashMap::new();
+    let mut any_host = Vec::new();
+    for (i, router) in routers.iter().enumerate() {
+        let i = i as u32;
+        match router.expr.host_constraint() {
+            Some(patterns) if !patterns.iter().any(|p| matches!(p, HostPattern::Any)) => {
+                for pattern in patterns {
+                    let list = match pattern {
+                        HostPattern::Exact(host) => exact.entry(host).or_default(),
+                        HostPattern::Wildcard(parent) => wildcard.entry(parent).or_default(),
+                        HostPattern::Any => continue,
+                    };
+                    if list.last() != Some(&i) {
+                        list.push(i);
+                    }
+                }
+            }
+            _ => any_host.push(i),
+        }
+    }
+
+    Ok(Compiled {
+        version: snapshot.version,
+        routers,
+        exact,
+        wildcard,
+        any_host,
+        services,
+        certs,
+    })
+}
+
+/// Parses `http://HOST:PORT[/...]` and resolves HOST. Runs on the control thread only, since
+/// name resolution may block.
+fn resolve_server_url(url: &str) -> Result<(SocketAddr, String), String> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(format!(
+            "invalid server URL {url:?}: only http:// is supported"
+        ));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.is_empty() || authority.contains('@') {
+        return Err(format!("invalid server URL {url:?}: missing host"));
+    }
+    let with_port = if authority.rsplit_once(':').is_some_and(|(h, p)| {
+        !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':')
+    }) && !authority.ends_with(']')
+    {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    let mut addrs = with_port
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve server URL {url:?}: {e}"))?;
+    let addr = addrs
+        .next()
+        .ok_or_else(|| format!("server URL {url:?} resolves to no address"))?;
+    Ok((addr, with_port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_url_resolution() {
+        let (addr, authority) = resolve_server_url("http://127.0.0.1:3000/").unwrap();
+        assert_eq!(addr, "127.0.0.1:3000".parse().unwrap());
+        assert_eq!(authority, "127.0.0.1:3000");
+        let (addr, _) = resolve_server_url("http://[::1]:8080").unwrap();
+        assert_eq!(addr, "[::1]:8080".parse().unwrap());
+        let (addr, _) = resolve_server_url("http://127.0.0.1").unwrap();
+        assert_eq!(addr.port(), 80);
+        assert!(resolve_server_url("https://127.0.0.1:1").is_err());
+        assert!(resolve_server_url("http://:80").is_err());
+    }
+}

@@ -1,0 +1,250 @@
+//! Per-worker backend selection and keep-alive connection pools.
+//!
+//! Everything here belongs to one worker thread (`!Send`): the pool, the round-robin cursors,
+//! the in-flight counts and the short passive-failure marks. Workers never share a backend
+//! connection, so nothing needs a lock.
+
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    rc::Rc,
+    time::{Duration, Instant},
+};
+
+use edge_proto::{Balance, ServerState};
+use monoio::net::TcpStream;
+
+use crate::state::Compiled;
+
+/// How long a backend that refused a connection is skipped by this worker, unless every
+/// other backend is skipped too.
+const FAILURE_COOLDOWN: Duration = Duration::from_secs(2);
+
+/// The result of choosing a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    Server {
+        index: usize,
+        addr: SocketAddr,
+    },
+    /// The service has no server at all.
+    NoServers,
+    /// Every server is down or draining.
+    NoneAvailable,
+}
+
+struct IdleConn {
+    stream: TcpStream,
+    expires: Instant,
+}
+
+#[derive(Default)]
+struct BalanceState {
+    /// Address of the snapshot the cursors belong to.
+    snapshot: usize,
+    cursors: Vec<usize>,
+    in_flight: HashMap<SocketAddr, u32>,
+    failed_until: HashMap<SocketAddr, Instant>,
+}
+
+/// One worker's view of the backends.
+pub struct Upstreams {
+    idle: RefCell<HashMap<SocketAddr, Vec<IdleConn>>>,
+    balance: RefCell<BalanceState>,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+impl Upstreams {
+    pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
+        Self {
+            idle: RefCell::new(HashMap::new()),
+            balance: RefCell::new(BalanceState::default()),
+            max_idle,
+            idle_timeout,
+        }
+    }
+
+    /// Chooses a server of `service` that is up, skipping those in `exclude` (already tried
+    /// for this request). Servers this worker saw fail recently are used only when no other
+    /// is left.
+    pub fn pick(&self, compiled: &Compiled, service: usize, exclude: &[SocketAddr]) -> Pick {
+        let svc = &compiled.services[service];
+        if svc.servers.is_empty() {
+            return Pick::NoServers;
+        }
+        let mut state = self.balance.borrow_mut();
+        let snapshot_id = compiled as *const Compiled as usize;
+        if state.snapshot != snapshot_id {
+            state.snapshot = snapshot_id;
+            state.cursors = vec![0; compiled.services.len()];
+        }
+        let now = Instant::now();
+        let n = svc.servers.len();
+        let mut fallback = None;
+        let mut best: Option<(usize, u32)> = None;
+        let start = state.cursors[service];
+        for offset in 0..n {
+            let index = (start + offset) % n;
+            let server = &svc.servers[index];
+            if server.state != ServerState::Up || exclude.contains(&server.addr) {
+                continue;
+            }
+            if state
+                .failed_until
+                .get(&server.addr)
+                .is_some_and(|until| *until > now)
+            {
+                fallback.get_or_insert(index);
+                continue;
+            }
+            match svc.balance {
+                Balance::RoundRobin => {
+                    best = Some((index, 0));
+                    break;
+                }
+                Balance::LeastInFlight => {
+                    let load = state.in_flight.get(&server.addr).copied().unwrap_or(0);
+                    if best.is_none_or(|(_, l)| load < l) {
+                        best = Some((index, load));
+                    }
+                }
+            }
+        }
+        let Some(index) = best.map(|(i, _)| i).or(fallback) else {
+            return Pick::NoneAvailable;
+        };
+        state.cursors[service] = (index + 1) % n;
+        Pick::Server {
+            index,
+            addr: svc.servers[index].addr,
+        }
+    }
+
+    /// Marks `addr` as failing for a short time on this worker.
+    pub fn mark_failed(&self, addr: SocketAddr) {
+        self.balance
+            .borrow_mut()
+            .failed_until
+            .insert(addr, Instant::now() + FAILURE_COOLDOWN);
+    }
+
+    /// Clears a failure mark after a successful exchange.
+    pub fn mark_ok(&self, addr: SocketAddr) {
+        let mut state = self.balance.borrow_mut();
+        if !state.failed_until.is_empty() {
+            state.failed_until.remove(&addr);
+        }
+    }
+
+    /// Counts a request in flight to `addr` until the guard is dropped.
+    pub fn start_request(self: &Rc<Self>, addr: SocketAddr) -> InFlight {
+        *self.balance.borrow_mut().in_flight.entry(addr).or_insert(0) += 1;
+        InFlight {
+            upstreams: self.clone(),
+            addr,
+        }
+    }
+
+    /// Takes a pooled connection to `addr` that is still open, newest first.
+    pub fn take_idle(&self, addr: SocketAddr) -> Option<TcpStream> {
+        let mut idle = self.idle.borrow_mut();
+        let conns = idle.get_mut(&addr)?;
+        let now = Instant::now();
+        while let Some(conn) = conns.pop() {
+            if conn.expires > now && is_open(&conn.stream) {
+                return Some(conn.stream);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection to the pool. `backend_keep_alive` is the backend's advertised
+    /// `Keep-Alive: timeout`; the connection expires one second before it, or after the
+    /// configured idle timeout if that is shorter.
+    pub fn put_idle(
+        &self,
+        addr: SocketAddr,
+        stream: TcpStream,
+        backend_keep_alive: Option<Duration>,
+    ) {
+        if self.max_idle == 0 {
+            return;
+        }
+        let mut ttl = self.idle_timeout;
+        if let Some(advertised) = backend_keep_alive {
+            ttl = ttl.min(advertised.saturating_sub(Duration::from_secs(1)));
+        }
+        if ttl.is_zero() {
+            return;
+        }
+        let mut idle = self.idle.borrow_mut();
+        let conns = idle.entry(addr).or_default();
+        if conns.len() >= self.max_idle {
+            // Drop the oldest, which is the most likely to be closed by the backend.
+            conns.remove(0);
+        }
+        conns.push(IdleConn {
+            stream,
+            expires: Instant::now() + ttl,
+        });
+    }
+
+    /// Closes expired idle connections.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut idle = self.idle.borrow_mut();
+        idle.retain(|_, conns| {
+            conns.retain(|c| c.expires > now);
+            !conns.is_empty()
+        });
+        let mut state = self.balance.borrow_mut();
+        state.failed_until.retain(|_, until| *until > now);
+        state.in_flight.retain(|_, n| *n > 0);
+    }
+
+    /// Closes every idle connection (at shutdown).
+    pub fn clear(&self) {
+        self.idle.borrow_mut().clear();
+    }
+}
+
+/// A request in flight to one backend; dropping it ends the count.
+pub struct InFlight {
+    upstreams: Rc<Upstreams>,
+    addr: SocketAddr,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut state) = self.upstreams.balance.try_borrow_mut() {
+            if let Some(n) = state.in_flight.get_mut(&self.addr) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+}
+
+/// Returns whether a pooled connection is still open: no EOF and no unexpected bytes waiting.
+fn is_open(stream: &TcpStream) -> bool {
+    let fd = stream.as_raw_fd();
+    let mut byte = 0u8;
+    // SAFETY: `fd` is an open socket owned by `stream`, which outlives this call; the buffer
+    // is one valid byte on the stack; MSG_DONTWAIT keeps the call from blocking the worker.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let err = std::io::Error::last_os_error();
+        return err.kind() == std::io::ErrorKind::WouldBlock;
+    }
+    // 0 is EOF; any byte before a request is a protocol violation by the backend.
+    false
+}

@@ -1,0 +1,448 @@
+//! Workers: one thread per core, each with its own monoio runtime, listeners, upstream pools
+//! and access log buffer.
+//!
+//! ```text
+//! main thread ── spawn ──> worker N: runtime (io_uring or epoll)
+//!                            ├─ accept loop `web`       ─┐
+//!                            ├─ accept loop `websecure` ─┼─> connection tasks (http1::serve)
+//!                            └─ housekeeping (log flush, pool sweep)
+//! SIGTERM ── stop channel ──> stop accepting, let connections finish, exit by the deadline
+//! ```
+//!
+//! A [`WorkerCtx`] is `!Send` and lives on its worker thread; the only values it shares with
+//! other threads are the read-mostly [`Shared`] state and the counters this worker writes.
+
+use std::{
+    cell::{Cell, RefCell},
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    rc::Rc,
+    sync::{atomic::Ordering, Arc},
+    task::{Context, Poll, Waker},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use arc_swap::{cache::Cache, ArcSwap};
+use monoio::{
+    net::{TcpListener, TcpStream},
+    IoUringDriver, LegacyDriver, RuntimeBuilder,
+};
+use monoio_rustls::TlsAcceptor;
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::{
+    access_log::AccessLog,
+    http1,
+    metrics::WorkerMetrics,
+    settings::IoDriver,
+    state::{Compiled, EntryPoint, Shared},
+    tls::{self, SniResolver},
+    upstream::Upstreams,
+};
+
+/// Interval of the housekeeping task: access log flush and idle pool sweep.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The listening sockets of one worker, created before the worker starts.
+pub struct WorkerListeners {
+    pub http: std::net::TcpListener,
+    pub https: std::net::TcpListener,
+}
+
+/// Per-worker state reachable from every task of the worker.
+pub struct WorkerCtx {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    snapshot: RefCell<Cache<Arc<ArcSwap<Compiled>>, Arc<Compiled>>>,
+    pub upstreams: Rc<Upstreams>,
+    pub shutdown: Shutdown,
+    pub access_log: RefCell<AccessLog>,
+    tls: TlsAcceptor,
+    next_conn: Cell<u64>,
+    next_request: Cell<u64>,
+    active_conns: Cell<usize>,
+}
+
+impl WorkerCtx {
+    /// Returns the current snapshot; a reload becomes visible at the next call.
+    pub fn snapshot(&self) -> Arc<Compiled> {
+        self.snapshot.borrow_mut().load().clone()
+    }
+
+    pub fn metrics(&self) -> &WorkerMetrics {
+        &self.shared.metrics[self.id]
+    }
+
+    /// Returns a request id unique in this process: the worker id and a per-worker sequence,
+    /// as 16 hex digits.
+    pub fn next_request_id(&self) -> RequestId {
+        let n = self.next_request.get().wrapping_add(1);
+        self.next_request.set(n);
+        RequestId::new(((self.id as u64) << 48) | (n & 0xffff_ffff_ffff))
+    }
+
+    fn next_conn_id(&self) -> u64 {
+        let n = self.next_conn.get().wrapping_add(1);
+        self.next_conn.set(n);
+        ((self.id as u64) << 48) | (n & 0xffff_ffff_ffff)
+    }
+}
+
+/// A request id rendered as 16 lowercase hex digits, without allocating.
+#[derive(Clone, Copy)]
+pub struct RequestId([u8; 16]);
+
+impl RequestId {
+    fn new(value: u64) -> Self {
+        let mut out = [0u8; 16];
+        for (i, byte) in out.iter_mut().enumerate() {
+            let nibble = (value >> ((15 - i) * 4)) & 0xf;
+            *byte = b"0123456789abcdef"[nibble as usize];
+        }
+        Self(out)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // The bytes are ASCII hex digits by construction.
+        std::str::from_utf8(&self.0).unwrap_or("0000000000000000")
+    }
+}
+
+/// A one-shot, worker-local shutdown signal that any number of tasks can wait for.
+#[derive(Default)]
+pub struct Shutdown {
+    triggered: Cell<bool>,
+    /// Wakers of pending waits; a slot is freed when its wait is dropped.
+    waiters: RefCell<Vec<Option<Waker>>>,
+    free_slots: RefCell<Vec<usize>>,
+}
+
+impl Shutdown {
+    pub fn trigger(&self) {
+        self.triggered.set(true);
+        for waker in self
+            .waiters
+            .borrow_mut()
+            .iter_mut()
+            .filter_map(Option::take)
+        {
+            waker.wake();
+        }
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        self.triggered.get()
+    }
+
+    /// Completes once [`Shutdown::trigger`] has been called.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future releases its waker slot.
+    pub fn wait(&self) -> ShutdownWait<'_> {
+        ShutdownWait {
+            shutdown: self,
+            slot: None,
+        }
+    }
+}
+
+pub struct ShutdownWait<'a> {
+    shutdown: &'a Shutdown,
+    slot: Option<usize>,
+}
+
+impl Future for ShutdownWait<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let shutdown = self.shutdown;
+        if shutdown.triggered.get() {
+            return Poll::Ready(());
+        }
+        let mut waiters = shutdown.waiters.borrow_mut();
+        match self.slot {
+            Some(slot) => waiters[slot] = Some(cx.waker().clone()),
+            None => {
+                let slot = match shutdown.free_slots.borrow_mut().pop() {
+                    Some(slot) => {
+                        waiters[slot] = Some(cx.waker().clone());
+                        slot
+                    }
+                    None => {
+                        waiters.push(Some(cx.waker().clone()));
+                        waiters.len() - 1
+                    }
+                };
+                self.slot = Some(slot);
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for ShutdownWait<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot {
+            if let Some(entry) = self.shutdown.waiters.borrow_mut().get_mut(slot) {
+                *entry = None;
+            }
+            self.shutdown.free_slots.borrow_mut().push(slot);
+        }
+    }
+}
+
+/// Identity of one client connection, carried into its request handling.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub conn_id: u64,
+    pub peer: SocketAddr,
+    pub local_port: u16,
+    pub entrypoint: EntryPoint,
+}
+
+impl ConnInfo {
+    pub fn is_tls(&self) -> bool {
+        self.entrypoint == EntryPoint::WebSecure
+    }
+}
+
+/// Starts worker `id` on its own thread. The thread returns after `stop` fires and its
+/// connections have finished or the shutdown grace period has passed.
+///
+/// # Errors
+/// Fails when the thread cannot be spawned.
+pub fn spawn(
+    id: usize,
+    shared: Arc<Shared>,
+    listeners: WorkerListeners,
+    stop: futures_channel::oneshot::Receiver<()>,
+) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("edge-worker-{id}"))
+        .spawn(move || {
+            if shared.settings.pin_workers {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                if let Err(e) = monoio::utils::bind_to_cpu_set(Some(id % cores)) {
+                    warn!(worker = id, error = %e, "cannot pin the worker to a core");
+                }
+            }
+            if let Err(e) = run(id, shared, listeners, stop) {
+                error!(worker = id, error = %e, "worker failed to start");
+                std::process::exit(1);
+            }
+        })
+}
+
+fn run(
+    id: usize,
+    shared: Arc<Shared>,
+    listeners: WorkerListeners,
+    stop: futures_channel::oneshot::Receiver<()>,
+) -> io::Result<()> {
+    let driver = shared.settings.io_driver;
+    if driver != IoDriver::Epoll {
+        match RuntimeBuilder::<IoUringDriver>::new()
+            .with_entries(1024)
+            .enable_timer()
+            .build()
+        {
+            Ok(mut runtime) => {
+                info!(worker = id, driver = "io_uring", "worker runtime started");
+                return runtime.block_on(worker_main(id, shared, listeners, stop));
+            }
+            Err(e) if driver == IoDriver::Auto => {
+                warn!(worker = id, error = %e, "io_uring is unavailable, falling back to epoll");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let mut runtime = RuntimeBuilder::<LegacyDriver>::new()
+        .enable_timer()
+        .build()?;
+    info!(worker = id, driver = "epoll", "worker runtime started");
+    runtime.block_on(worker_main(id, shared, listeners, stop))
+}
+
+async fn worker_main(
+    id: usize,
+    shared: Arc<Shared>,
+    listeners: WorkerListeners,
+    stop: futures_channel::oneshot::Receiver<()>,
+) -> io::Result<()> {
+    let http = TcpListener::from_std(listeners.http)?;
+    let https = TcpListener::from_std(listeners.https)?;
+    let resolver = Arc::new(SniResolver::new(shared.current.clone()));
+    let tls_config = tls::server_config(resolver, shared.ticketer.clone())
+        .map_err(|e| io::Error::other(format!("invalid TLS settings: {e}")))?;
+    let settings = &shared.settings;
+    let ctx = Rc::new(WorkerCtx {
+        id,
+        snapshot: RefCell::new(Cache::new(shared.current.clone())),
+        upstreams: Rc::new(Upstreams::new(
+            settings.upstream_max_idle,
+            settings.upstream_idle_timeout,
+        )),
+        shutdown: Shutdown::default(),
+        access_log: RefCell::new(AccessLog::new(settings.access_log, settings.log_format)),
+        tls: TlsAcceptor::from(Arc::new(tls_config)),
+        next_conn: Cell::new(0),
+        next_request: Cell::new(0),
+        active_conns: Cell::new(0),
+        shared: shared.clone(),
+    });
+
+    let http_loop = monoio::spawn(accept_loop(ctx.clone(), http, EntryPoint::Web));
+    let https_loop = monoio::spawn(accept_loop(ctx.clone(), https, EntryPoint::WebSecure));
+    monoio::spawn(housekeeping(ctx.clone()));
+    shared.ready_workers.fetch_add(1, Ordering::SeqCst);
+
+    // A dropped sender (the main thread is gone) also means stop.
+    let _ = stop.await;
+    ctx.shutdown.trigger();
+    http_loop.await;
+    https_loop.await;
+    let deadline = Instant::now() + settings.shutdown_grace;
+    while ctx.active_conns.get() > 0 && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if ctx.active_conns.get() > 0 {
+        warn!(
+            worker = id,
+            connections = ctx.active_conns.get(),
+            "shutdown grace period over, closing remaining connections"
+        );
+    }
+    ctx.upstreams.clear();
+    ctx.access_log.borrow_mut().flush();
+    info!(worker = id, "worker stopped");
+    Ok(())
+}
+
+async fn accept_loop(ctx: Rc<WorkerCtx>, listener: TcpListener, entrypoint: EntryPoint) {
+    let local_port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    let mut last_error_log: Option<Instant> = None;
+    loop {
+        let accepted = monoio::select! {
+            _ = ctx.shutdown.wait() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let info = ConnInfo {
+                    conn_id: ctx.next_conn_id(),
+                    peer,
+                    local_port,
+                    entrypoint,
+                };
+                monoio::spawn(handle_connection(ctx.clone(), stream, info));
+            }
+            Err(e) => {
+                // EMFILE and ENFILE storms repeat on every accept: log once per second.
+                let now = Instant::now();
+                if last_error_log.is_none_or(|t| now - t > Duration::from_secs(1)) {
+                    warn!(worker = ctx.id, listener = entrypoint.name(), error = %e, "accept failed");
+                    last_error_log = Some(now);
+                }
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    debug!(
+        worker = ctx.id,
+        listener = entrypoint.name(),
+        "stopped accepting"
+    );
+}
+
+/// Counts a connection as active for as long as it is alive.
+struct ActiveConn {
+    ctx: Rc<WorkerCtx>,
+    tls: bool,
+}
+
+impl ActiveConn {
+    fn new(ctx: Rc<WorkerCtx>, tls: bool) -> Self {
+        ctx.active_conns.set(ctx.active_conns.get() + 1);
+        ctx.metrics().connection_opened(tls);
+        Self { ctx, tls }
+    }
+}
+
+impl Drop for ActiveConn {
+    fn drop(&mut self) {
+        self.ctx.active_conns.set(self.ctx.active_conns.get() - 1);
+        self.ctx.metrics().connection_closed(self.tls);
+    }
+}
+
+async fn handle_connection(ctx: Rc<WorkerCtx>, stream: TcpStream, info: ConnInfo) {
+    let _active = ActiveConn::new(ctx.clone(), info.is_tls());
+    let _ = stream.set_nodelay(true);
+    let span = tracing::debug_span!(
+        "conn",
+        conn_id = info.conn_id,
+        core = ctx.id,
+        listener = info.entrypoint.name(),
+        peer.addr = %info.peer,
+        proto = "http/1.1",
+    );
+    async move {
+        match info.entrypoint {
+            EntryPoint::Web => http1::serve(ctx, stream, info).await,
+            EntryPoint::WebSecure => {
+                let handshake = monoio::time::timeout(
+                    ctx.shared.settings.tls_handshake_timeout,
+                    ctx.tls.accept(stream),
+                )
+                .await;
+                match handshake {
+                    Ok(Ok(tls_stream)) => {
+                        crate::metrics::bump(&ctx.metrics().tls_handshakes);
+                        http1::serve(ctx, tls_stream, info).await;
+                    }
+                    Ok(Err(e)) => {
+                        crate::metrics::bump(&ctx.metrics().tls_handshake_failures);
+                        debug!(error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        crate::metrics::bump(&ctx.metrics().tls_handshake_failures);
+                        debug!("TLS handshake timed out");
+                    }
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+async fn housekeeping(ctx: Rc<WorkerCtx>) {
+    let mut ticks: u32 = 0;
+    loop {
+        monoio::select! {
+            _ = ctx.shutdown.wait() => break,
+            _ = monoio::time::sleep(HOUSEKEEPING_INTERVAL) => {},
+        }
+        ctx.access_log.borrow_mut().flush();
+        ticks = ticks.wrapping_add(1);
+        if ticks.is_multiple_of(10) {
+            ctx.upstreams.sweep();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_id_is_hex() {
+        assert_eq!(
+            RequestId::new(0x1_0000_0000_00ff).as_str(),
+            "00010000000000ff"
+        );
+    }
+}
