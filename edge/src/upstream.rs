@@ -70,7 +70,12 @@ impl Upstreams {
     /// Chooses a server of `service` that is up, skipping those in `exclude` (already tried
     /// for this request). Servers this worker saw fail recently are used only when no other
     /// is left.
-    pub fn pick(&self, compiled: &Compiled, service: usize, exclude: &[SocketAddr]) -> Pick {
+    pub fn pick(
+        &self,
+        compiled: &Compiled,
+        service: usize,
+        exclude: &[Option<SocketAddr>],
+    ) -> Pick {
         let svc = &compiled.services[service];
         if svc.servers.is_empty() {
             return Pick::NoServers;
@@ -89,7 +94,7 @@ impl Upstreams {
         for offset in 0..n {
             let index = (start + offset) % n;
             let server = &svc.servers[index];
-            if server.state != ServerState::Up || exclude.contains(&server.addr) {
+            if server.state != ServerState::Up || exclude.contains(&Some(server.addr)) {
                 continue;
             }
             if state
@@ -247,4 +252,127 @@ fn is_open(stream: &TcpStream) -> bool {
     }
     // 0 is EOF; any byte before a request is a protocol violation by the backend.
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, sync::Mutex};
+
+    use edge_proto::{Router, Server, Service, Snapshot};
+
+    use super::*;
+    use crate::state;
+
+    fn compiled(states: &[ServerState], balance: Balance) -> Compiled {
+        let servers = states
+            .iter()
+            .enumerate()
+            .map(|(i, state)| Server {
+                url: format!("http://127.0.0.1:{}", 10_000 + i),
+                state: *state,
+            })
+            .collect();
+        let snapshot = Snapshot {
+            version: 1,
+            routers: vec![Router {
+                name: "r".into(),
+                rule: "Host(`a.test`)".into(),
+                priority: None,
+                entrypoints: Vec::new(),
+                service: "s".into(),
+                tls: false,
+                max_request_body_bytes: None,
+            }],
+            services: vec![Service {
+                name: "s".into(),
+                servers,
+                balance,
+                pass_host_header: true,
+            }],
+            certificates: Vec::new(),
+            default_certificate: None,
+        };
+        let fallback = crate::tls::self_signed_default().unwrap();
+        state::compile_with(&snapshot, fallback, &Mutex::new(HashMap::new()), 1).unwrap()
+    }
+
+    fn port_of(pick: Pick) -> u16 {
+        match pick {
+            Pick::Server { addr, .. } => addr.port(),
+            other => panic!("no server picked: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn round_robin_skips_down_and_draining() {
+        let states = [
+            ServerState::Up,
+            ServerState::Down,
+            ServerState::Up,
+            ServerState::Draining,
+        ];
+        let compiled = compiled(&states, Balance::RoundRobin);
+        let upstreams = Upstreams::new(4, Duration::from_secs(4));
+        let ports: Vec<u16> = (0..4)
+            .map(|_| port_of(upstreams.pick(&compiled, 0, &[])))
+            .collect();
+        assert_eq!(ports, vec![10_000, 10_002, 10_000, 10_002]);
+    }
+
+    #[test]
+    fn all_down_means_none_available() {
+        let compiled = compiled(
+            &[ServerState::Down, ServerState::Draining],
+            Balance::RoundRobin,
+        );
+        let upstreams = Upstreams::new(4, Duration::from_secs(4));
+        assert_eq!(upstreams.pick(&compiled, 0, &[]), Pick::NoneAvailable);
+    }
+
+    #[test]
+    fn excluded_servers_are_not_repeated() {
+        let compiled = compiled(&[ServerState::Up, ServerState::Up], Balance::RoundRobin);
+        let upstreams = Upstreams::new(4, Duration::from_secs(4));
+        let first = upstreams.pick(&compiled, 0, &[]);
+        let Pick::Server { addr, .. } = first else {
+            panic!("no server picked");
+        };
+        let second = upstreams.pick(&compiled, 0, &[Some(addr)]);
+        assert_ne!(port_of(second), addr.port());
+        let Pick::Server { addr: other, .. } = second else {
+            panic!("no server picked");
+        };
+        assert_eq!(
+            upstreams.pick(&compiled, 0, &[Some(addr), Some(other)]),
+            Pick::NoneAvailable
+        );
+    }
+
+    #[test]
+    fn failed_server_used_only_as_fallback() {
+        let compiled = compiled(&[ServerState::Up, ServerState::Up], Balance::RoundRobin);
+        let upstreams = Upstreams::new(4, Duration::from_secs(4));
+        upstreams.mark_failed("127.0.0.1:10000".parse().unwrap());
+        for _ in 0..3 {
+            assert_eq!(port_of(upstreams.pick(&compiled, 0, &[])), 10_001);
+        }
+        upstreams.mark_failed("127.0.0.1:10001".parse().unwrap());
+        assert!(matches!(
+            upstreams.pick(&compiled, 0, &[]),
+            Pick::Server { .. }
+        ));
+    }
+
+    #[test]
+    fn least_in_flight_prefers_idle_server() {
+        let compiled = compiled(&[ServerState::Up, ServerState::Up], Balance::LeastInFlight);
+        let upstreams = Rc::new(Upstreams::new(4, Duration::from_secs(4)));
+        let busy = upstreams.start_request("127.0.0.1:10000".parse().unwrap());
+        for _ in 0..3 {
+            assert_eq!(port_of(upstreams.pick(&compiled, 0, &[])), 10_001);
+        }
+        drop(busy);
+        let _other = upstreams.start_request("127.0.0.1:10001".parse().unwrap());
+        assert_eq!(port_of(upstreams.pick(&compiled, 0, &[])), 10_000);
+    }
 }

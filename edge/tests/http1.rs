@@ -355,3 +355,58 @@ fn failed_connect_retries_other_backend() {
         assert_eq!(response.status, 200, "request {i}");
     }
 }
+
+#[test]
+fn local_response_closes_unread_body() {
+    // A request answered by the edge itself (here 404) leaves its body unread, so the
+    // connection is closed and the bytes in the body are never parsed as a request.
+    let backend = Backend::start("b");
+    let edge = edge_for("unread-body", &backend, &[]);
+    let mut stream = connect(edge.http);
+    let smuggled = "GET /admin HTTP/1.1\r\nHost: t\r\nX: y\r\n\r\n";
+    let raw = format!(
+        "GET /static.js HTTP/1.1\r\nHost: nowhere\r\nContent-Length: {}\r\n\r\n{smuggled}",
+        smuggled.len()
+    );
+    stream.write_all(raw.as_bytes()).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let response = read_response(&mut reader, false).unwrap();
+    assert_eq!(response.status, 308);
+    assert_eq!(response.header("connection"), Some("close"));
+    assert!(is_closed(&mut stream, Duration::from_secs(5)));
+    assert_eq!(backend.request_count(), 0);
+}
+
+#[test]
+fn route_body_limit_from_middleware() {
+    let backend = Backend::start("b");
+    let routes = format!(
+        "http:\n  routers:\n    small:\n      rule: Host(`t`) && PathPrefix(`/small`)\n      service: app\n      entryPoints: [web]\n      middlewares: [limit]\n    big:\n      rule: Host(`t`)\n      service: app\n      entryPoints: [web]\n  middlewares:\n    limit:\n      buffering:\n        maxRequestBodyBytes: 4\n  services:\n    app:\n      loadBalancer:\n        servers:\n          - url: {}\n",
+        backend.url()
+    );
+    let edge = Edge::start("route-limit", &routes, &[]);
+    let body = "POST /small HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello";
+    assert_eq!(request(edge.http, body).status, 413);
+    let body = "POST /other HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello";
+    assert_eq!(request(edge.http, body).status, 200);
+}
+
+#[test]
+fn round_robin_spreads_requests() {
+    let first = Backend::start("first");
+    let second = Backend::start("second");
+    let routes = format!(
+        "http:\n  routers:\n    app:\n      rule: Host(`t`)\n      service: app\n      entryPoints: [web]\n  services:\n    app:\n      loadBalancer:\n        servers:\n          - url: {}\n          - url: {}\n",
+        first.url(),
+        second.url()
+    );
+    let edge = Edge::start("spread", &routes, &["--workers", "1"]);
+    let mut stream = connect(edge.http);
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    for i in 0..10 {
+        write!(stream, "GET /{i} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        assert_eq!(read_response(&mut reader, false).unwrap().status, 200);
+    }
+    assert_eq!(first.request_count(), 5);
+    assert_eq!(second.request_count(), 5);
+}

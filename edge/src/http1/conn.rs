@@ -394,8 +394,7 @@ where
     let mut tried: [Option<SocketAddr>; MAX_ATTEMPTS] = [None; MAX_ATTEMPTS];
     let mut last_error = UpstreamErrorKind::Connect;
     for attempt in 0..MAX_ATTEMPTS {
-        let exclude: Vec<SocketAddr> = tried.iter().flatten().copied().collect();
-        let (server_index, addr) = match ctx.upstreams.pick(compiled, router.service, &exclude) {
+        let (server_index, addr) = match ctx.upstreams.pick(compiled, router.service, &tried) {
             Pick::Server { index, addr } => (index, addr),
             Pick::NoServers | Pick::NoneAvailable if attempt == 0 => {
                 let close = framing != BodyFraming::Empty;
