@@ -2,6 +2,7 @@
 
 mod access_log;
 mod admin;
+mod agent_link;
 mod control;
 mod demo;
 mod http1;
@@ -112,16 +113,49 @@ fn run(args: RunArgs, fixed_snapshot: Option<Snapshot>) -> anyhow::Result<()> {
     let admin_addr = admin.local_addr()?;
     let settings = Settings::from_args(&args, https_addr.port());
 
-    let initial = match (&fixed_snapshot, &args.routes_file) {
-        (Some(snapshot), _) => snapshot.clone(),
-        (None, Some(path)) => control::load_routes(path).map_err(|errors| {
+    let socket_path = args.snapshot_socket.clone().or_else(|| {
+        args.state_dir
+            .as_ref()
+            .map(|dir| dir.join(agent_link::SOCKET_FILE))
+    });
+    if args.routes_file.is_some() && socket_path.is_some() {
+        bail!("--routes-file cannot be combined with the agent's snapshot socket (--state-dir or --snapshot-socket): give the routes file to the agent instead");
+    }
+    if let Some(dir) = &args.state_dir {
+        agent_link::ensure_state_dir(dir)?;
+    }
+    let store = args
+        .state_dir
+        .as_deref()
+        .map(agent_link::SnapshotStore::in_dir);
+
+    let initial = match (&fixed_snapshot, &args.routes_file, &store) {
+        (Some(snapshot), _, _) => snapshot.clone(),
+        (None, Some(path), _) => control::load_routes(path).map_err(|errors| {
             anyhow::anyhow!(
                 "invalid routes file {}:\n  {}",
                 path.display(),
                 errors.join("\n  ")
             )
         })?,
-        (None, None) => {
+        (None, None, Some(store)) => match store.load() {
+            Ok(Some(snapshot)) => {
+                info!(
+                    version = snapshot.version,
+                    "serving the persisted snapshot until the agent sends a new one"
+                );
+                snapshot
+            }
+            Ok(None) => {
+                info!("no persisted snapshot: every request gets 404 until the agent sends one");
+                Snapshot::default()
+            }
+            Err(e) => {
+                error!(error = %e, "ignoring the persisted snapshot");
+                Snapshot::default()
+            }
+        },
+        (None, None, None) => {
             info!("no routes file given: every request gets 404 until one is configured");
             Snapshot::default()
         }
@@ -169,6 +203,14 @@ fn run(args: RunArgs, fixed_snapshot: Option<Snapshot>) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("edge-admin".into())
             .spawn(move || admin::serve(admin, shared))?;
+    }
+    if let Some(path) = &socket_path {
+        let listener = agent_link::bind(path)?;
+        info!(path = %path.display(), "listening for snapshots from the agent");
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("edge-snapshots".into())
+            .spawn(move || agent_link::serve(listener, shared, store))?;
     }
 
     let started = Instant::now();

@@ -60,6 +60,12 @@ pub struct RunArgs {
     /// Routes file in Traefik's file-provider format (YAML or TOML), reloaded on change.
     #[arg(long, env = "EDGE_ROUTES_FILE")]
     pub routes_file: Option<PathBuf>,
+    /// Directory (mode 0700) for the last good snapshot from the agent and its socket.
+    #[arg(long, env = "EDGE_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Unix socket on which the agent pushes snapshots [default: STATE_DIR/edge.sock].
+    #[arg(long, env = "EDGE_SNAPSHOT_SOCKET")]
+    pub snapshot_socket: Option<PathBuf>,
     /// Number of worker threads, each with its own runtime and listeners [default: one per core].
     #[arg(long, env = "EDGE_WORKERS")]
     pub workers: Option<usize>,

@@ -2,6 +2,7 @@
 //! language and the Traefik file-provider format.
 #![forbid(unsafe_code)]
 
+pub mod control;
 pub mod file;
 pub mod rule;
 pub mod snapshot;

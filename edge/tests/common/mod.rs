@@ -58,6 +58,13 @@ impl Edge {
     }
 
     pub fn start_with_file(dir: PathBuf, routes_file: &Path, extra: &[&str]) -> Edge {
+        let mut args: Vec<String> = vec!["--routes-file".into(), routes_file.display().to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::start_in(dir, &args)
+    }
+
+    /// Starts the edge in `dir` with exactly `args` besides the listener addresses.
+    pub fn start_in(dir: PathBuf, args: &[String]) -> Edge {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_edge"));
         cmd.args([
             "--http-addr",
@@ -70,10 +77,8 @@ impl Edge {
             "json",
             "--reload-interval",
             "100ms",
-            "--routes-file",
         ])
-        .arg(routes_file)
-        .args(extra)
+        .args(args)
         .env("EDGE_WORKERS", "2")
         .env("EDGE_LOG", "info")
         .stdin(Stdio::null())

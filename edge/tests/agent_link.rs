@@ -1,0 +1,128 @@
+//! The snapshot socket: snapshots pushed by the agent are applied, rejected when invalid, and
+//! persisted so that a restarted edge serves at once.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::{fs::PermissionsExt, net::UnixStream},
+    path::Path,
+};
+
+use common::{request, Backend, Edge};
+
+fn snapshot_json(version: u64, rule: &str, url: &str) -> serde_json::Value {
+    serde_json::json!({
+        "version": version,
+        "routers": [{"name": "site/app", "rule": rule, "service": "site/app", "entrypoints": ["web"]}],
+        "services": [{"name": "site/app", "servers": [{"url": url}]}]
+    })
+}
+
+fn push(socket: &Path, message: serde_json::Value) -> serde_json::Value {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    let mut line = serde_json::to_vec(&message).unwrap();
+    line.push(b'\n');
+    stream.write_all(&line).unwrap();
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap()
+}
+
+fn start(dir: &Path) -> Edge {
+    Edge::start_in(
+        dir.to_owned(),
+        &["--state-dir".into(), dir.display().to_string()],
+    )
+}
+
+#[test]
+fn pushed_snapshot_applies_and_persists() {
+    let backend = Backend::start("pushed");
+    let dir = common::temp_dir("agent-link");
+    let socket = dir.join("edge.sock");
+    let mut edge = start(&dir);
+    assert_eq!(
+        request(edge.http, "GET / HTTP/1.1\r\nHost: t\r\n\r\n").status,
+        308
+    );
+
+    let apply = serde_json::json!({"type": "apply", "snapshot": snapshot_json(5, "Host(`t`)", &backend.url())});
+    let reply = push(&socket, apply);
+    assert_eq!(reply, serde_json::json!({"type": "applied", "version": 5}));
+    assert_eq!(
+        request(edge.http, "GET /x HTTP/1.1\r\nHost: t\r\n\r\n").text(),
+        "pushed /x 0"
+    );
+
+    let invalid = serde_json::json!({"type": "apply", "snapshot": snapshot_json(6, "Host(`t`", &backend.url())});
+    let reply = push(&socket, invalid);
+    assert_eq!(reply["type"], "rejected");
+    assert!(
+        reply["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("routers[site/app].rule"),
+        "{reply}"
+    );
+    assert_eq!(
+        request(edge.http, "GET /y HTTP/1.1\r\nHost: t\r\n\r\n").status,
+        200
+    );
+
+    let status = push(&socket, serde_json::json!({"type": "status"}));
+    assert_eq!(status["version"], 5);
+
+    let persisted = dir.join("edge-snapshot.json");
+    let mode = std::fs::metadata(&persisted).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let socket_mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(socket_mode, 0o600);
+
+    // A restarted edge serves the persisted snapshot before any agent connects.
+    edge.terminate();
+    assert_eq!(edge.wait_exit(std::time::Duration::from_secs(10)), Some(0));
+    let restarted = start(&dir);
+    assert_eq!(
+        request(restarted.http, "GET /z HTTP/1.1\r\nHost: t\r\n\r\n").text(),
+        "pushed /z 0"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn garbage_message_gets_error_reply() {
+    let dir = common::temp_dir("agent-garbage");
+    let _edge = start(&dir);
+    let reply = push(
+        &dir.join("edge.sock"),
+        serde_json::json!({"type": "launch"}),
+    );
+    assert_eq!(reply["type"], "error");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn routes_file_and_socket_are_exclusive() {
+    let dir = common::temp_dir("agent-exclusive");
+    let routes = dir.join("routes.yaml");
+    std::fs::write(&routes, "").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_edge"))
+        .args([
+            "--http-addr",
+            "127.0.0.1:0",
+            "--https-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--routes-file")
+        .arg(&routes)
+        .arg("--state-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot be combined"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
