@@ -1,8 +1,191 @@
-//! The side agent (control plane): Docker labels to routes, health probes, ACME, and the ops
-//! control socket. Not implemented yet; the edge runs standalone from a routes file meanwhile.
+//! The side agent (control plane): turns Docker labels and a routes file into route
+//! snapshots for the edge, probes backends, and serves the ops control socket.
 #![forbid(unsafe_code)]
 
-fn main() -> std::process::ExitCode {
-    eprintln!("agent: not implemented yet; run `edge --routes-file FILE` standalone");
-    std::process::ExitCode::from(2)
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::{Arc, Mutex},
+};
+
+use clap::Parser;
+use edge_agent::{
+    ctl,
+    desired::AgentOptions,
+    docker::{self, DockerView},
+    edge_link::EdgeLink,
+    health::Thresholds,
+    reconcile::{LoopSettings, Reconciler},
+};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info};
+
+/// Routes Docker containers with Traefik labels through the edge.
+#[derive(Debug, Parser)]
+#[command(name = "agent", version, about)]
+struct Args {
+    /// State directory shared with the edge: snapshot socket, persisted snapshot, control socket.
+    #[arg(long, env = "EDGE_STATE_DIR", default_value = "/var/lib/edge")]
+    state_dir: PathBuf,
+    /// The edge's snapshot socket [default: STATE_DIR/edge.sock].
+    #[arg(long, env = "EDGE_SNAPSHOT_SOCKET")]
+    edge_socket: Option<PathBuf>,
+    /// The control socket for edgectl [default: STATE_DIR/agent.sock].
+    #[arg(long, env = "EDGE_AGENT_SOCKET")]
+    control_socket: Option<PathBuf>,
+    /// Docker engine address, for example unix:///var/run/docker.sock or tcp://127.0.0.1:2375.
+    #[arg(long, env = "DOCKER_HOST")]
+    docker_host: Option<String>,
+    /// Read containers from Docker.
+    #[arg(long, env = "EDGE_DOCKER", default_value_t = true, action = clap::ArgAction::Set)]
+    docker: bool,
+    /// Docker network used to reach containers that have no traefik.docker.network label.
+    #[arg(long, env = "EDGE_DOCKER_NETWORK")]
+    docker_network: Option<String>,
+    /// Route containers without a traefik.enable label (Traefik's exposedByDefault).
+    #[arg(long, env = "EDGE_EXPOSED_BY_DEFAULT", default_value_t = true, action = clap::ArgAction::Set)]
+    exposed_by_default: bool,
+    /// Ignore unknown label keys with a warning instead of skipping the container.
+    #[arg(long, env = "EDGE_LENIENT_LABELS")]
+    lenient_labels: bool,
+    /// A routes file in Traefik's file-provider format, combined with Docker's routes.
+    #[arg(long, env = "EDGE_AGENT_ROUTES_FILE")]
+    routes_file: Option<PathBuf>,
+    /// Passing probes before a backend receives traffic.
+    #[arg(long, env = "EDGE_PROBE_RISE", default_value_t = 2)]
+    probe_rise: u32,
+    /// Failing probes before a backend stops receiving traffic.
+    #[arg(long, env = "EDGE_PROBE_FALL", default_value_t = 3)]
+    probe_fall: u32,
+    /// Log format on stderr.
+    #[arg(long, env = "EDGE_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
+    log_format: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(&args.log_format);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, "agent failed");
+            eprintln!("agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&args.state_dir)
+        .map_err(|e| {
+            format!(
+                "cannot create the state directory {}: {e}",
+                args.state_dir.display()
+            )
+        })?;
+    if let Some(host) = &args.docker_host {
+        // bollard reads DOCKER_HOST from the environment; no other thread runs yet.
+        std::env::set_var("DOCKER_HOST", host);
+    }
+    let edge_socket = args
+        .edge_socket
+        .clone()
+        .unwrap_or_else(|| args.state_dir.join("edge.sock"));
+    let control_path = args
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| args.state_dir.join(ctl::CONTROL_SOCKET_FILE));
+    let listener = ctl::bind(&control_path).map_err(|e| {
+        format!(
+            "cannot listen on the control socket {}: {e}",
+            control_path.display()
+        )
+    })?;
+
+    let (changed_tx, changed_rx) = watch::channel(0u64);
+    let docker_view = Arc::new(Mutex::new(DockerView::default()));
+    if args.docker {
+        tokio::spawn(docker::watch_docker(
+            docker_view.clone(),
+            changed_tx.clone(),
+        ));
+    } else {
+        info!("Docker is disabled: only the routes file is served");
+    }
+    let (calls_tx, calls_rx) = mpsc::channel(16);
+    tokio::spawn(ctl::serve(listener, calls_tx));
+
+    let settings = LoopSettings {
+        options: AgentOptions {
+            exposed_by_default: args.exposed_by_default,
+            default_network: args.docker_network.clone(),
+            lenient: args.lenient_labels,
+            ..AgentOptions::default()
+        },
+        thresholds: Thresholds {
+            rise: args.probe_rise.max(1),
+            fall: args.probe_fall.max(1),
+        },
+        routes_file: args.routes_file.clone(),
+        seed_file: Some(args.state_dir.join("edge-snapshot.json")),
+        docker_enabled: args.docker,
+    };
+    info!(
+        edge_socket = %edge_socket.display(),
+        control_socket = %control_path.display(),
+        "agent started"
+    );
+    let reconciler = Reconciler::new(
+        settings,
+        docker_view,
+        EdgeLink::new(edge_socket),
+        changed_tx,
+    );
+    tokio::select! {
+        () = reconciler.run(changed_rx, calls_rx) => {}
+        _ = shutdown_signal() => info!("agent stopping; the edge keeps serving the last snapshot"),
+    }
+    let _ = std::fs::remove_file(&control_path);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
+    let Ok(mut int) = signal(SignalKind::interrupt()) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
 }

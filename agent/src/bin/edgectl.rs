@@ -1,0 +1,241 @@
+//! `edgectl`: the operator's command line for the agent's control socket.
+#![forbid(unsafe_code)]
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand};
+use edge_agent::ctl::{CtlRequest, CtlResponse, CONTROL_SOCKET_FILE};
+use serde_json::Value;
+
+/// Inspect and steer the edge agent.
+#[derive(Debug, Parser)]
+#[command(name = "edgectl", version, about)]
+struct Cli {
+    /// The agent's control socket [default: $EDGE_STATE_DIR/agent.sock, else /var/lib/edge/agent.sock].
+    #[arg(long, env = "EDGE_AGENT_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Print the raw JSON answer instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Versions, snapshot version, Docker and edge connection, counts.
+    Status,
+    /// Routers the agent built, with their rules and services.
+    Routes,
+    /// Backends with their state, health and last probe result.
+    Backends,
+    /// Label problems and conflicts, by container.
+    Errors,
+    /// Stop new requests to a backend (container name, id prefix or IP:PORT).
+    Drain { backend: String },
+    /// Return a drained backend to service.
+    Undrain { backend: String },
+    /// Re-read the routes file and push a fresh snapshot.
+    Reload,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let socket = cli.socket.clone().unwrap_or_else(|| {
+        std::env::var_os("EDGE_STATE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/edge"))
+            .join(CONTROL_SOCKET_FILE)
+    });
+    let request = match &cli.command {
+        Command::Status => CtlRequest::Status,
+        Command::Routes => CtlRequest::Routes,
+        Command::Backends => CtlRequest::Backends,
+        Command::Errors => CtlRequest::Errors,
+        Command::Drain { backend } => CtlRequest::Drain {
+            backend: backend.clone(),
+        },
+        Command::Undrain { backend } => CtlRequest::Undrain {
+            backend: backend.clone(),
+        },
+        Command::Reload => CtlRequest::Reload,
+    };
+    let response = match call(&socket, &request) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("edgectl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !response.ok {
+        eprintln!(
+            "edgectl: {}",
+            response
+                .error
+                .as_deref()
+                .unwrap_or("the agent reported an error")
+        );
+        return ExitCode::FAILURE;
+    }
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&response.data).unwrap_or_default()
+        );
+        return ExitCode::SUCCESS;
+    }
+    print!("{}", render(&cli.command, &response.data));
+    ExitCode::SUCCESS
+}
+
+fn call(socket: &PathBuf, request: &CtlRequest) -> Result<CtlResponse, String> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| {
+        format!(
+            "cannot reach the agent at {}: {e}; is the agent running? (set --socket or EDGE_STATE_DIR if it uses another state directory)",
+            socket.display()
+        )
+    })?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut line = serde_json::to_vec(request).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    stream
+        .write_all(&line)
+        .map_err(|e| format!("sending the request failed: {e}"))?;
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .map_err(|e| format!("reading the answer failed: {e}"))?;
+    serde_json::from_str(&reply).map_err(|e| format!("invalid answer from the agent: {e}"))
+}
+
+fn render(command: &Command, data: &Value) -> String {
+    match command {
+        Command::Status => render_status(data),
+        Command::Routes => table(
+            data,
+            &["name", "rule", "service", "entrypoints", "priority", "tls"],
+        ),
+        Command::Backends => table(
+            data,
+            &[
+                "service",
+                "container",
+                "addr",
+                "state",
+                "docker_health",
+                "healthy",
+                "last_probe_result",
+            ],
+        ),
+        Command::Errors => {
+            if data.as_array().is_some_and(Vec::is_empty) {
+                "no label errors\n".to_owned()
+            } else {
+                table(data, &["container", "key", "value", "message"])
+            }
+        }
+        Command::Drain { .. } | Command::Undrain { .. } | Command::Reload => {
+            format!("{}\n", compact(data))
+        }
+    }
+}
+
+fn render_status(data: &Value) -> String {
+    let mut out = String::new();
+    let mut line = |label: &str, value: String| out.push_str(&format!("{label:<20} {value}\n"));
+    line("agent version", compact(&data["agent_version"]));
+    line("snapshot version", compact(&data["snapshot_version"]));
+    line("acked by the edge", compact(&data["acked_version"]));
+    let edge = &data["edge"];
+    if edge["reachable"] == Value::Bool(true) {
+        line(
+            "edge",
+            format!(
+                "serving version {}, {} routers, {}/{} workers ready",
+                compact(&edge["serving_version"]),
+                compact(&edge["routers"]),
+                compact(&edge["ready_workers"]),
+                compact(&edge["workers"])
+            ),
+        );
+    } else {
+        line("edge", format!("unreachable: {}", compact(&edge["error"])));
+    }
+    if !data["edge_last_error"].is_null() {
+        line("edge last error", compact(&data["edge_last_error"]));
+    }
+    let docker = &data["docker"];
+    let docker_text = if docker["enabled"] == Value::Bool(false) {
+        "disabled".to_owned()
+    } else if docker["connected"] == Value::Bool(true) {
+        format!(
+            "connected (API {}), {} running containers",
+            compact(&docker["api_version"]),
+            compact(&docker["containers"])
+        )
+    } else {
+        "not connected, retrying".to_owned()
+    };
+    line("docker", docker_text);
+    line(
+        "routes",
+        format!(
+            "{} routers, {} services, {}/{} backends up",
+            compact(&data["routers"]),
+            compact(&data["services"]),
+            compact(&data["backends_up"]),
+            compact(&data["backends"])
+        ),
+    );
+    line("label errors", compact(&data["errors"]));
+    if !data["routes_file_error"].is_null() {
+        line("routes file error", compact(&data["routes_file_error"]));
+    }
+    out
+}
+
+/// Renders an array of objects as an aligned table with the given columns.
+fn table(data: &Value, columns: &[&str]) -> String {
+    let rows: Vec<Vec<String>> = data
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .map(|row| columns.iter().map(|c| compact(&row[*c])).collect())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut widths: Vec<usize> = columns.iter().map(|c| c.len()).collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = columns.iter().map(|c| c.to_uppercase()).collect();
+    for row in std::iter::once(&header).chain(&rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Formats a JSON value for a table cell: strings without quotes, null as `-`.
+fn compact(value: &Value) -> String {
+    match value {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        Value::Array(items) => items.iter().map(compact).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}

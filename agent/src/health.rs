@@ -1,0 +1,327 @@
+//! Active health probes of backends, with rise and fall thresholds so that one slow probe
+//! does not eject a healthy backend and one lucky probe does not admit a broken one.
+//!
+//! Each backend has its own probe task. State is keyed by container id and address, so a
+//! re-created container never inherits the state of the one it replaces.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::watch,
+    task::JoinHandle,
+};
+use tracing::{debug, info};
+
+use crate::desired::HealthSpec;
+
+/// Identity of one probed backend.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProbeKey {
+    pub container_id: String,
+    pub addr: SocketAddr,
+}
+
+/// Consecutive results needed to change state.
+#[derive(Debug, Clone, Copy)]
+pub struct Thresholds {
+    /// Passing probes before a backend joins.
+    pub rise: u32,
+    /// Failing probes before a backend leaves.
+    pub fall: u32,
+}
+
+/// What is known about one backend's health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeState {
+    pub healthy: bool,
+    pub consecutive_passes: u32,
+    pub consecutive_failures: u32,
+    /// Outcome of the last probe, for example `200` or `connect failed: ...`.
+    pub last_result: Option<String>,
+    pub last_probe: Option<SystemTime>,
+    /// How many probes ran; 0 means the state is only the initial guess.
+    pub probes: u64,
+}
+
+impl ProbeState {
+    fn new(healthy: bool) -> Self {
+        Self {
+            healthy,
+            consecutive_passes: 0,
+            consecutive_failures: 0,
+            last_result: None,
+            last_probe: None,
+            probes: 0,
+        }
+    }
+
+    /// Records one probe result. Returns whether `healthy` changed.
+    fn record(&mut self, passed: bool, result: String, thresholds: Thresholds) -> bool {
+        self.probes += 1;
+        self.last_result = Some(result);
+        self.last_probe = Some(SystemTime::now());
+        if passed {
+            self.consecutive_passes += 1;
+            self.consecutive_failures = 0;
+            if !self.healthy && self.consecutive_passes >= thresholds.rise {
+                self.healthy = true;
+                return true;
+            }
+        } else {
+            self.consecutive_failures += 1;
+            self.consecutive_passes = 0;
+            if self.healthy && self.consecutive_failures >= thresholds.fall {
+                self.healthy = false;
+                return true;
+            }
+        }
+        false
+    }
+}
+
+struct Probe {
+    spec: HealthSpec,
+    task: JoinHandle<()>,
+}
+
+/// Runs one probe task per backend and keeps their states.
+pub struct Prober {
+    states: Arc<Mutex<HashMap<ProbeKey, ProbeState>>>,
+    probes: HashMap<ProbeKey, Probe>,
+    /// Initial health by backend address, from the snapshot the edge served before this agent
+    /// started, so a restarted agent does not take healthy backends out of service.
+    seeds: HashMap<SocketAddr, bool>,
+    thresholds: Thresholds,
+    changed: watch::Sender<u64>,
+}
+
+impl Prober {
+    pub fn new(thresholds: Thresholds, changed: watch::Sender<u64>) -> Self {
+        Self {
+            states: Arc::new(Mutex::new(HashMap::new())),
+            probes: HashMap::new(),
+            seeds: HashMap::new(),
+            thresholds,
+            changed,
+        }
+    }
+
+    /// Sets the initial health of backends that are not probed yet.
+    pub fn seed(&mut self, seeds: HashMap<SocketAddr, bool>) {
+        self.seeds = seeds;
+    }
+
+    /// Starts probes for new backends and stops those of backends that are gone.
+    pub fn sync(&mut self, wanted: &[(ProbeKey, HealthSpec)]) {
+        let wanted_keys: HashMap<&ProbeKey, &HealthSpec> =
+            wanted.iter().map(|(k, s)| (k, s)).collect();
+        self.probes.retain(|key, probe| {
+            let keep = wanted_keys
+                .get(key)
+                .is_some_and(|spec| **spec == probe.spec);
+            if !keep {
+                probe.task.abort();
+            }
+            keep
+        });
+        {
+            let mut states = lock(&self.states);
+            states.retain(|key, _| wanted_keys.contains_key(key));
+        }
+        for (key, spec) in wanted {
+            if self.probes.contains_key(key) {
+                continue;
+            }
+            let initial = self.seeds.get(&key.addr).copied().unwrap_or(false);
+            lock(&self.states)
+                .entry(key.clone())
+                .or_insert_with(|| ProbeState::new(initial));
+            let task = tokio::spawn(probe_loop(
+                key.clone(),
+                spec.clone(),
+                self.states.clone(),
+                self.thresholds,
+                self.changed.clone(),
+            ));
+            self.probes.insert(
+                key.clone(),
+                Probe {
+                    spec: spec.clone(),
+                    task,
+                },
+            );
+        }
+    }
+
+    pub fn state(&self, key: &ProbeKey) -> Option<ProbeState> {
+        lock(&self.states).get(key).cloned()
+    }
+
+    /// Returns whether every probed backend has had at least one probe.
+    pub fn all_probed(&self) -> bool {
+        lock(&self.states).values().all(|s| s.probes > 0)
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        for probe in self.probes.values() {
+            probe.task.abort();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+async fn probe_loop(
+    key: ProbeKey,
+    spec: HealthSpec,
+    states: Arc<Mutex<HashMap<ProbeKey, ProbeState>>>,
+    thresholds: Thresholds,
+    changed: watch::Sender<u64>,
+) {
+    // Spread probes of backends discovered together over the first interval.
+    let jitter = Duration::from_millis(u64::from(key.addr.port() % 97) * 3);
+    tokio::time::sleep(jitter.min(spec.interval / 4)).await;
+    loop {
+        let started = Instant::now();
+        let (passed, result) = probe_once(key.addr, &spec).await;
+        let flipped = {
+            let mut states = lock(&states);
+            let Some(state) = states.get_mut(&key) else {
+                return;
+            };
+            let first = state.probes == 0;
+            let flipped = state.record(passed, result.clone(), thresholds);
+            if flipped {
+                info!(container = %key.container_id, addr = %key.addr, healthy = state.healthy, result, "backend health changed");
+            } else {
+                debug!(container = %key.container_id, addr = %key.addr, passed, result, "probe");
+            }
+            flipped || first
+        };
+        if flipped {
+            changed.send_modify(|n| *n += 1);
+        }
+        let elapsed = started.elapsed();
+        tokio::time::sleep(spec.interval.saturating_sub(elapsed)).await;
+    }
+}
+
+/// Runs one probe: `METHOD PATH` over HTTP/1.1, passing on the expected status (any 2xx by
+/// default) within the timeout.
+pub async fn probe_once(addr: SocketAddr, spec: &HealthSpec) -> (bool, String) {
+    let target = match spec.port {
+        Some(port) => SocketAddr::new(addr.ip(), port),
+        None => addr,
+    };
+    match tokio::time::timeout(spec.timeout, request_status(target, spec)).await {
+        Ok(Ok(status)) => {
+            let passed = match spec.expected_status {
+                Some(expected) => status == expected,
+                None => (200..300).contains(&status),
+            };
+            (passed, status.to_string())
+        }
+        Ok(Err(e)) => (false, e),
+        Err(_) => (false, format!("timed out after {:?}", spec.timeout)),
+    }
+}
+
+async fn request_status(addr: SocketAddr, spec: &HealthSpec) -> Result<u16, String> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect failed: {e}"))?;
+    let host = spec.hostname.clone().unwrap_or_else(|| addr.to_string());
+    let mut request = format!(
+        "{} {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: edge-agent\r\nConnection: close\r\n",
+        spec.method, spec.path
+    );
+    for (name, value) in &spec.headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("write failed: {e}"))?;
+    let mut buf = [0u8; 64];
+    let mut len = 0;
+    while len < 12 {
+        let n = stream
+            .read(&mut buf[len..])
+            .await
+            .map_err(|e| format!("read failed: {e}"))?;
+        if n == 0 {
+            return Err("closed before the status line".into());
+        }
+        len += n;
+    }
+    let line = std::str::from_utf8(&buf[..len]).map_err(|_| "invalid status line".to_owned())?;
+    if !line.starts_with("HTTP/1.") {
+        return Err("not an HTTP response".into());
+    }
+    line.get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| "invalid status line".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const THRESHOLDS: Thresholds = Thresholds { rise: 2, fall: 3 };
+
+    #[test]
+    fn rise_needs_consecutive_passes() {
+        let mut state = ProbeState::new(false);
+        assert!(!state.record(true, "200".into(), THRESHOLDS));
+        assert!(!state.record(false, "503".into(), THRESHOLDS));
+        assert!(!state.record(true, "200".into(), THRESHOLDS));
+        assert!(state.record(true, "200".into(), THRESHOLDS));
+        assert!(state.healthy);
+    }
+
+    #[test]
+    fn fall_needs_consecutive_failures() {
+        let mut state = ProbeState::new(true);
+        assert!(!state.record(false, "timeout".into(), THRESHOLDS));
+        assert!(!state.record(false, "timeout".into(), THRESHOLDS));
+        assert!(!state.record(true, "200".into(), THRESHOLDS));
+        assert!(state.healthy);
+        for _ in 0..2 {
+            assert!(!state.record(false, "503".into(), THRESHOLDS));
+        }
+        assert!(state.record(false, "503".into(), THRESHOLDS));
+        assert!(!state.healthy);
+    }
+
+    #[tokio::test]
+    async fn probe_reads_status() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for status in ["200 OK", "503 Service Unavailable"] {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf).await;
+                let response = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+                stream.write_all(response.as_bytes()).await.unwrap();
+            }
+        });
+        let spec = HealthSpec::default();
+        assert_eq!(probe_once(addr, &spec).await, (true, "200".to_owned()));
+        assert_eq!(probe_once(addr, &spec).await, (false, "503".to_owned()));
+    }
+}
