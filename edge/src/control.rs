@@ -16,7 +16,7 @@ use signal_hook::{
     consts::{SIGHUP, SIGINT, SIGTERM},
     iterator::Signals,
 };
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::state::{self, Shared};
 
@@ -25,9 +25,9 @@ const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
 /// Identity of one version of the routes file: modification time, size and inode (an editor
 /// or a config-map update replaces the file rather than writing it in place).
-type Fingerprint = (SystemTime, u64, u64);
+pub type Fingerprint = (SystemTime, u64, u64);
 
-fn fingerprint(path: &Path) -> Option<Fingerprint> {
+pub fn fingerprint(path: &Path) -> Option<Fingerprint> {
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.len(), meta.ino()))
 }
@@ -48,13 +48,15 @@ pub struct Control {
 }
 
 impl Control {
+    /// `last_seen` is the fingerprint taken before the running routes were loaded, so a file
+    /// replaced during start-up is still reloaded.
     pub fn new(
         shared: Arc<Shared>,
         routes_file: Option<PathBuf>,
+        last_seen: Option<Fingerprint>,
         version: u64,
         reload_interval: Duration,
     ) -> Self {
-        let last_seen = routes_file.as_deref().and_then(fingerprint);
         Self {
             shared,
             routes_file,
@@ -85,7 +87,10 @@ impl Control {
                 next_check = Instant::now() + self.reload_interval;
                 if let Some(path) = &self.routes_file {
                     let current = fingerprint(path);
-                    if current.is_some() && current != self.last_seen {
+                    if current.is_none() && self.last_seen.is_some() {
+                        warn!(path = %path.display(), "routes file not found, the previous routes keep serving");
+                        self.last_seen = None;
+                    } else if current.is_some() && current != self.last_seen {
                         self.last_seen = current;
                         info!(path = %path.display(), "routes file changed, reloading");
                         self.reload();
@@ -103,10 +108,7 @@ impl Control {
         let mut snapshot = match load_routes(path) {
             Ok(s) => s,
             Err(errors) => {
-                error!(path = %path.display(), errors = ?errors, "invalid routes file rejected, the previous routes keep serving");
-                for e in &errors {
-                    error!(path = %path.display(), "{e}");
-                }
+                log_rejected(path, &errors);
                 return;
             }
         };
@@ -120,8 +122,16 @@ impl Control {
             }
             Err(errors) => {
                 let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
-                error!(path = %path.display(), errors = ?errors, "invalid routes file rejected, the previous routes keep serving");
+                log_rejected(path, &errors);
             }
         }
     }
+}
+
+/// Logs each error of a rejected routes file on its own line, then the outcome.
+fn log_rejected(path: &Path, errors: &[String]) {
+    for e in errors {
+        error!(path = %path.display(), "{e}");
+    }
+    error!(path = %path.display(), errors = errors.len(), "routes file rejected, the previous routes keep serving");
 }

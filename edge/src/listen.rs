@@ -15,8 +15,16 @@ pub enum ListenError {
     /// receive a share of the connections, so the edge does not start.
     #[error("address {addr} is already in use by another process; stop it (a stale edge would silently take a share of the connections) or choose another address")]
     InUse { addr: SocketAddr },
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: io::Error },
+    #[error("cannot listen on {addr}: {error}{}", permission_hint(error))]
+    Bind { addr: SocketAddr, error: io::Error },
+}
+
+fn permission_hint(error: &io::Error) -> &'static str {
+    if error.kind() == io::ErrorKind::PermissionDenied {
+        "; ports below 1024 need root or CAP_NET_BIND_SERVICE (for example `setcap cap_net_bind_service=+ep edge`)"
+    } else {
+        ""
+    }
 }
 
 /// Binds `count` listening sockets to `addr`, all with SO_REUSEPORT. Port 0 picks one free
@@ -31,15 +39,19 @@ pub fn bind_reuseport(
     if addr.port() != 0 {
         ensure_unused(addr)?;
     }
-    let first = bind_one(addr).map_err(|source| ListenError::Bind { addr, source })?;
-    let bound = first
-        .local_addr()
-        .map_err(|source| ListenError::Bind { addr, source })?;
+    let first = bind_one(addr).map_err(|source| ListenError::Bind {
+        addr,
+        error: source,
+    })?;
+    let bound = first.local_addr().map_err(|source| ListenError::Bind {
+        addr,
+        error: source,
+    })?;
     let mut listeners = vec![first];
     for _ in 1..count.max(1) {
         listeners.push(bind_one(bound).map_err(|source| ListenError::Bind {
             addr: bound,
-            source,
+            error: source,
         })?);
     }
     Ok(listeners)
@@ -49,14 +61,23 @@ pub fn bind_reuseport(
 /// without SO_REUSEPORT, listens on the address.
 fn ensure_unused(addr: SocketAddr) -> Result<(), ListenError> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-        .map_err(|source| ListenError::Bind { addr, source })?;
+        .map_err(|source| ListenError::Bind {
+            addr,
+            error: source,
+        })?;
     socket
         .set_reuse_address(true)
-        .map_err(|source| ListenError::Bind { addr, source })?;
+        .map_err(|source| ListenError::Bind {
+            addr,
+            error: source,
+        })?;
     match socket.bind(&addr.into()) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(ListenError::InUse { addr }),
-        Err(source) => Err(ListenError::Bind { addr, source }),
+        Err(source) => Err(ListenError::Bind {
+            addr,
+            error: source,
+        }),
     }
     // NOTE: a process that starts listening between this probe and the real bind is not
     // detected; the window is a few microseconds at start.

@@ -40,9 +40,17 @@ use crate::{
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.run.log_format);
+    if !matches!(cli.command, Some(Command::CheckConfig { .. })) {
+        logging::init(cli.run.log_format);
+    }
     let result = match cli.command {
-        Some(Command::CheckConfig { file }) => check_config(&file),
+        Some(Command::CheckConfig { file }) => {
+            // The errors are already on stdout; only the exit status is left to report.
+            return match check_config(&file) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            };
+        }
         Some(Command::Demo) => run_demo(cli.run),
         None => run(cli.run, None),
     };
@@ -129,6 +137,8 @@ fn run(args: RunArgs, fixed_snapshot: Option<Snapshot>) -> anyhow::Result<()> {
         .as_deref()
         .map(agent_link::SnapshotStore::in_dir);
 
+    // Taken before loading, so a file replaced while the edge starts is reloaded.
+    let routes_fingerprint = args.routes_file.as_deref().and_then(control::fingerprint);
     let initial = match (&fixed_snapshot, &args.routes_file, &store) {
         (Some(snapshot), _, _) => snapshot.clone(),
         (None, Some(path), _) => control::load_routes(path).map_err(|errors| {
@@ -235,6 +245,7 @@ fn run(args: RunArgs, fixed_snapshot: Option<Snapshot>) -> anyhow::Result<()> {
     let signal = Control::new(
         shared.clone(),
         args.routes_file.clone(),
+        routes_fingerprint,
         version,
         args.reload_interval,
     )

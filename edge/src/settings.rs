@@ -49,79 +49,109 @@ pub enum IoDriver {
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Plain-HTTP listener address (Traefik's `web` entry point).
-    #[arg(long, env = "EDGE_HTTP_ADDR", default_value = "0.0.0.0:80")]
+    #[arg(
+        long,
+        global = true,
+        env = "EDGE_HTTP_ADDR",
+        default_value = "0.0.0.0:80"
+    )]
     pub http_addr: SocketAddr,
     /// HTTPS listener address (Traefik's `websecure` entry point).
-    #[arg(long, env = "EDGE_HTTPS_ADDR", default_value = "0.0.0.0:443")]
+    #[arg(
+        long,
+        global = true,
+        env = "EDGE_HTTPS_ADDR",
+        default_value = "0.0.0.0:443"
+    )]
     pub https_addr: SocketAddr,
     /// Admin listener address serving the edge's own /health and /metrics.
-    #[arg(long, env = "EDGE_ADMIN_ADDR", default_value = "127.0.0.1:9900")]
+    #[arg(
+        long,
+        global = true,
+        env = "EDGE_ADMIN_ADDR",
+        default_value = "127.0.0.1:9900"
+    )]
     pub admin_addr: SocketAddr,
     /// Routes file in Traefik's file-provider format (YAML or TOML), reloaded on change.
-    #[arg(long, env = "EDGE_ROUTES_FILE")]
+    #[arg(long, global = true, env = "EDGE_ROUTES_FILE")]
     pub routes_file: Option<PathBuf>,
     /// Directory (mode 0700) for the last good snapshot from the agent and its socket.
-    #[arg(long, env = "EDGE_STATE_DIR")]
+    #[arg(long, global = true, env = "EDGE_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// Unix socket on which the agent pushes snapshots [default: STATE_DIR/edge.sock].
-    #[arg(long, env = "EDGE_SNAPSHOT_SOCKET")]
+    #[arg(long, global = true, env = "EDGE_SNAPSHOT_SOCKET")]
     pub snapshot_socket: Option<PathBuf>,
     /// Number of worker threads, each with its own runtime and listeners [default: one per core].
-    #[arg(long, env = "EDGE_WORKERS")]
+    #[arg(long, global = true, env = "EDGE_WORKERS")]
     pub workers: Option<usize>,
     /// Pin each worker to one core.
-    #[arg(long, env = "EDGE_PIN_WORKERS", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, global = true, env = "EDGE_PIN_WORKERS", default_value_t = true, action = clap::ArgAction::Set)]
     pub pin_workers: bool,
     /// io driver of the workers.
-    #[arg(long, env = "EDGE_IO_DRIVER", value_enum, default_value_t = IoDriver::Auto)]
+    #[arg(long, global = true, env = "EDGE_IO_DRIVER", value_enum, default_value_t = IoDriver::Auto)]
     pub io_driver: IoDriver,
     /// Format of the edge's logs (stderr) and access logs (stdout).
-    #[arg(long, env = "EDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    #[arg(long, global = true, env = "EDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
     /// Write one access log line per request to stdout.
-    #[arg(long, env = "EDGE_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, global = true, env = "EDGE_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
     pub access_log: bool,
     /// Peers whose X-Forwarded-* headers are kept and extended (comma-separated CIDRs).
-    #[arg(long, env = "EDGE_TRUSTED_PROXIES", value_delimiter = ',')]
+    #[arg(
+        long,
+        global = true,
+        env = "EDGE_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
     pub trusted_proxies: Vec<IpNet>,
 
     /// Time allowed for a client to send a complete request head, from its first byte.
-    #[arg(long, env = "EDGE_HEADER_READ_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "EDGE_HEADER_READ_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
     /// Longest pause while a request or response body is in transit.
-    #[arg(long, env = "EDGE_BODY_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "EDGE_BODY_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub body_idle_timeout: Duration,
     /// Time an idle client connection stays open between requests.
-    #[arg(long, env = "EDGE_KEEP_ALIVE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "EDGE_KEEP_ALIVE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub keep_alive_timeout: Duration,
     /// Time allowed for the TLS handshake.
-    #[arg(long, env = "EDGE_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "EDGE_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub tls_handshake_timeout: Duration,
     /// Time allowed to open a connection to a backend.
-    #[arg(long, env = "EDGE_UPSTREAM_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "EDGE_UPSTREAM_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub upstream_connect_timeout: Duration,
     /// Time allowed for a backend to start its response after the request was sent.
-    #[arg(long, env = "EDGE_UPSTREAM_RESPONSE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "EDGE_UPSTREAM_RESPONSE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub upstream_response_timeout: Duration,
     /// How long an idle pooled backend connection is kept. Keep it below the backends' own
     /// keep-alive timeout (Node.js defaults to 5s); a shorter `Keep-Alive: timeout` from the
     /// backend wins.
-    #[arg(long, env = "EDGE_UPSTREAM_IDLE_TIMEOUT", default_value = "4s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "EDGE_UPSTREAM_IDLE_TIMEOUT", default_value = "4s", value_parser = humantime::parse_duration)]
     pub upstream_idle_timeout: Duration,
     /// Maximum idle pooled connections per backend and worker.
-    #[arg(long, env = "EDGE_UPSTREAM_MAX_IDLE", default_value_t = 64)]
+    #[arg(
+        long,
+        global = true,
+        env = "EDGE_UPSTREAM_MAX_IDLE",
+        default_value_t = 64
+    )]
     pub upstream_max_idle: usize,
     /// Time in-flight requests get to finish after SIGTERM or SIGINT.
-    #[arg(long, env = "EDGE_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "EDGE_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
     /// Maximum size of a request or response head in bytes (request line and headers).
-    #[arg(long, env = "EDGE_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    #[arg(long, global = true, env = "EDGE_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
     pub max_header_bytes: usize,
     /// Maximum request body size in bytes for routes without their own limit; 0 means none.
-    #[arg(long, env = "EDGE_MAX_REQUEST_BODY_BYTES", default_value_t = 0)]
+    #[arg(
+        long,
+        global = true,
+        env = "EDGE_MAX_REQUEST_BODY_BYTES",
+        default_value_t = 0
+    )]
     pub max_request_body_bytes: u64,
     /// Interval between checks of the routes file for changes.
-    #[arg(long, env = "EDGE_RELOAD_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "EDGE_RELOAD_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub reload_interval: Duration,
 }
 

@@ -64,9 +64,24 @@ pub struct WorkerCtx {
     next_conn: Cell<u64>,
     next_request: Cell<u64>,
     active_conns: Cell<usize>,
+    last_upstream_warning: Cell<Option<Instant>>,
 }
 
 impl WorkerCtx {
+    /// Returns whether a backend failure may be logged now: at most once per second per
+    /// worker, so a dead backend under load does not flood the log (metrics count them all).
+    pub fn should_log_upstream_error(&self) -> bool {
+        let now = Instant::now();
+        let allowed = self
+            .last_upstream_warning
+            .get()
+            .is_none_or(|last| now.duration_since(last) >= Duration::from_secs(1));
+        if allowed {
+            self.last_upstream_warning.set(Some(now));
+        }
+        allowed
+    }
+
     /// Returns the current snapshot; a reload becomes visible at the next call.
     pub fn snapshot(&self) -> Arc<Compiled> {
         self.snapshot.borrow_mut().load().clone()
@@ -291,6 +306,7 @@ async fn worker_main(
         next_conn: Cell::new(0),
         next_request: Cell::new(0),
         active_conns: Cell::new(0),
+        last_upstream_warning: Cell::new(None),
         shared: shared.clone(),
     });
 

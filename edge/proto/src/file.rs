@@ -1700,16 +1700,16 @@ fn check_certificate(
         .filter(|line| line.starts_with("-----BEGIN ") && line.ends_with("PRIVATE KEY-----"))
         .collect();
     let key = keys.certificate(index, CertificateField::Key);
+    // The origin names the certificate, so key errors name only the key's own key path.
     if key_headers.is_empty() {
-        let message = format!("no PEM private key block (-----BEGIN ... PRIVATE KEY-----){source}");
-        errors.push(ConfigError::new(key, origin, message));
+        let message = "no PEM private key block (-----BEGIN ... PRIVATE KEY-----) in the key";
+        errors.push(ConfigError::new(key, None, message.to_owned()));
     } else if key_headers
         .iter()
         .all(|header| header.contains("ENCRYPTED"))
     {
-        let message =
-            format!("encrypted private keys are not supported{source}; decrypt the key first");
-        errors.push(ConfigError::new(key, origin, message));
+        let message = "encrypted private keys are not supported; decrypt the key first";
+        errors.push(ConfigError::new(key, None, message.to_owned()));
     }
 }
 
@@ -2029,6 +2029,22 @@ alpnProtocols = ["h2", "http/1.1"]
             dir.0.join("nope.pem").display()
         );
         assert_eq!(errors, expected);
+    }
+
+    #[test]
+    fn key_error_names_key_file() {
+        let dir = TempDir::new("keyfile");
+        dir.write("a.pem", CERT_PEM);
+        dir.write("notakey.txt", "hello");
+        let text = "tls:\n  certificates:\n    - certFile: a.pem\n      keyFile: notakey.txt\n";
+        let errors = load(&dir.write("dynamic.yml", text))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            errors.starts_with("tls.certificates[0].keyFile: "),
+            "{errors}"
+        );
+        assert!(!errors.contains("a.pem"), "{errors}");
     }
 
     #[test]
@@ -2484,8 +2500,8 @@ alpnProtocols = ["h2", "http/1.1"]
             errors,
             vec![
                 "certificates[0].chain_pem: no PEM certificate block (-----BEGIN CERTIFICATE-----) in /etc/edge/a.pem",
-                "certificates[0].key_pem: encrypted private keys are not supported in /etc/edge/a.pem; decrypt the key first",
-                "default_certificate.key_pem: no PEM private key block (-----BEGIN ... PRIVATE KEY-----)",
+                "certificates[0].key_pem: encrypted private keys are not supported; decrypt the key first",
+                "default_certificate.key_pem: no PEM private key block (-----BEGIN ... PRIVATE KEY-----) in the key",
                 "routers[]: router name is empty",
                 "routers[].service: service is missing or empty",
                 "routers[app].entrypoints[0]: unknown entry point \"admin\"; valid entry points are web and websecure",

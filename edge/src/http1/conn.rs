@@ -25,7 +25,7 @@ use monoio::{
     io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split, Splitable},
     net::TcpStream,
 };
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{
     body::{pump_body, OutFraming, PumpError, PumpLimits},
@@ -393,6 +393,7 @@ where
 
     let mut tried: [Option<SocketAddr>; MAX_ATTEMPTS] = [None; MAX_ATTEMPTS];
     let mut last_error = UpstreamErrorKind::Connect;
+    let mut last_addr = None;
     for attempt in 0..MAX_ATTEMPTS {
         let (server_index, addr) = match ctx.upstreams.pick(compiled, router.service, &tried) {
             Pick::Server { index, addr } => (index, addr),
@@ -425,11 +426,14 @@ where
             Some(stream) => (stream, true),
             None => match connect(addr, settings.upstream_connect_timeout).await {
                 Ok(stream) => (stream, false),
-                Err(kind) => {
+                Err((kind, message)) => {
                     ctx.metrics().upstream_error(kind);
                     ctx.upstreams.mark_failed(addr);
-                    debug!(upstream = %addr, error = ?kind, "connecting to the backend failed");
+                    if ctx.should_log_upstream_error() {
+                        warn!(upstream = %addr, service = %router.name, error = %message, "connecting to the backend failed");
+                    }
                     last_error = kind;
+                    last_addr = Some(addr);
                     continue;
                 }
             },
@@ -512,17 +516,26 @@ where
     };
     let close = framing != BodyFraming::Empty;
     let bytes = respond_local(client, status, None, close, &mut bufs.out).await;
-    Exchange::local(status, bytes, close)
+    Exchange {
+        upstream: last_addr,
+        ..Exchange::local(status, bytes, close)
+    }
 }
 
-async fn connect(addr: SocketAddr, limit: Duration) -> Result<TcpStream, UpstreamErrorKind> {
+async fn connect(
+    addr: SocketAddr,
+    limit: Duration,
+) -> Result<TcpStream, (UpstreamErrorKind, String)> {
     match monoio::time::timeout(limit, TcpStream::connect_addr(addr)).await {
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
             Ok(stream)
         }
-        Ok(Err(_)) => Err(UpstreamErrorKind::Connect),
-        Err(_) => Err(UpstreamErrorKind::ConnectTimeout),
+        Ok(Err(e)) => Err((UpstreamErrorKind::Connect, e.to_string())),
+        Err(_) => Err((
+            UpstreamErrorKind::ConnectTimeout,
+            format!("no answer within {limit:?}"),
+        )),
     }
 }
 

@@ -156,6 +156,31 @@ impl Edge {
         false
     }
 
+    /// Waits for a log line containing `needle`; fails the test with every log line if none
+    /// appears within `limit`.
+    pub fn expect_log(&self, needle: &str, limit: Duration) {
+        if !self.wait_for_log(needle, limit) {
+            panic!(
+                "no log line contains {needle:?} after {limit:?}; logs:\n{}",
+                self.logs.lock().unwrap().join("\n")
+            );
+        }
+    }
+
+    /// Fetches /metrics until `line` appears in it, or fails the test with the last scrape.
+    /// Counters are updated after a response is sent, so a scrape may briefly lag behind.
+    pub fn expect_metric(&self, line: &str) {
+        let mut last = String::new();
+        for _ in 0..100 {
+            last = request(self.admin, "GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n").text();
+            if last.contains(line) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        panic!("/metrics never contained {line:?}; last scrape:\n{last}");
+    }
+
     pub fn log_count(&self, needle: &str) -> usize {
         self.logs
             .lock()
