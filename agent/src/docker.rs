@@ -149,6 +149,7 @@ async fn follow(view: &Arc<Mutex<DockerView>>, changed: &watch::Sender<u64>) -> 
                     None => lock(view).containers.remove(&container_id).is_some(),
                 }
             }
+            "kill" if is_reload_signal(attributes.get("signal").map(String::as_str)) => false,
             "kill" | "stop" | "pause" => {
                 let mut view = lock(view);
                 match view.containers.get_mut(&container_id) {
@@ -233,6 +234,16 @@ async fn inspect(docker: &Docker, id: &str) -> Option<ContainerInfo> {
     })
 }
 
+/// Returns whether a `kill` event's signal asks the process to reload or reopen logs
+/// (SIGHUP, SIGUSR1, SIGUSR2) rather than to stop. Any other signal, including an image's own
+/// STOPSIGNAL such as SIGQUIT or SIGWINCH, starts draining.
+fn is_reload_signal(signal: Option<&str>) -> bool {
+    matches!(
+        signal,
+        Some("1" | "10" | "12" | "SIGHUP" | "SIGUSR1" | "SIGUSR2")
+    )
+}
+
 /// Parses `"8080/tcp"` into 8080; other protocols give `None`.
 fn tcp_port(key: &str) -> Option<u16> {
     let (port, proto) = key.split_once('/').unwrap_or((key, "tcp"));
@@ -251,6 +262,15 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reload_signals_do_not_drain() {
+        assert!(is_reload_signal(Some("1")));
+        assert!(is_reload_signal(Some("SIGUSR1")));
+        assert!(!is_reload_signal(Some("15")));
+        assert!(!is_reload_signal(Some("3")));
+        assert!(!is_reload_signal(None));
+    }
 
     #[test]
     fn exposed_port_keys() {

@@ -2,6 +2,8 @@
 //! `cargo xtask tidy` (repository conventions).
 #![forbid(unsafe_code)]
 
+mod docker;
+mod run;
 mod tidy;
 
 use std::{
@@ -12,15 +14,20 @@ use std::{
 use anyhow::{bail, Context as _};
 
 /// Debian packages the test suite runs: real TLS and HTTP clients.
-const TEST_PACKAGES: &[(&str, &str)] = &[("curl", "curl"), ("openssl", "openssl")];
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("curl", "curl"),
+    ("openssl", "openssl"),
+    ("dockerd", "docker.io"),
+];
 
 fn main() -> ExitCode {
     let task = std::env::args().nth(1).unwrap_or_default();
     let result = match task.as_str() {
         "test" => test(),
         "tidy" => tidy::check(&workspace_root()),
+        "run" => run::run(&workspace_root()),
         _ => {
-            eprintln!("usage: cargo xtask <test|tidy>\n  test  install test dependencies, then run tidy, every test and clippy\n  tidy  check repository conventions");
+            eprintln!("usage: cargo xtask <test|tidy|run>\n  test  install test dependencies, then run tidy, every test and clippy\n  tidy  check repository conventions\n  run   build and run the edge (demo routes) and the agent together");
             return ExitCode::from(2);
         }
     };
@@ -44,9 +51,22 @@ fn test() -> anyhow::Result<()> {
     let root = workspace_root();
     install_packages(TEST_PACKAGES)?;
     tidy::check(&root)?;
+    // The end-to-end tests start the edge and agent binaries themselves.
     run(Command::new("cargo")
         .current_dir(&root)
-        .args(["test", "--workspace", "--locked"]))?;
+        .args(["build", "--locked", "-p", "edge", "-p", "agent"]))?;
+    let log = root.join("target").join("edge-test-dockerd.log");
+    let engine = docker::TestEngine::start(&log)?;
+    docker::build_test_image(&root)?;
+    let tested = run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["test", "--workspace", "--locked"])
+        .env("EDGE_E2E_DOCKER", "1")
+        .env("DOCKER_HOST", docker::docker_host())
+        .env("EDGE_E2E_DOCKERD_ARGS", docker::dockerd_args().join(" "))
+        .env("EDGE_E2E_DOCKERD_LOG", &log));
+    drop(engine);
+    tested?;
     run(Command::new("cargo").current_dir(&root).args([
         "clippy",
         "--workspace",
