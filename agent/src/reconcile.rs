@@ -272,7 +272,13 @@ impl Reconciler {
                     "tls": r.tls,
                 }))
                 .collect::<Vec<_>>())),
-            CtlRequest::Backends => CtlResponse::ok(self.backends_json()),
+            CtlRequest::Backends => {
+                let in_flight = match self.edge.status().await {
+                    Ok(EdgeMessage::Status { in_flight, .. }) => Some(in_flight),
+                    _ => None,
+                };
+                CtlResponse::ok(self.backends_json(in_flight.as_ref()))
+            }
             CtlRequest::Errors => CtlResponse::ok(json!(self
                 .desired
                 .errors
@@ -342,6 +348,7 @@ impl Reconciler {
                 routers,
                 workers,
                 ready_workers,
+                ..
             }) => json!({
                 "reachable": true, "serving_version": version, "routers": routers,
                 "workers": workers, "ready_workers": ready_workers,
@@ -371,15 +378,22 @@ impl Reconciler {
         }))
     }
 
-    fn backends_json(&self) -> serde_json::Value {
+    /// Lists every backend; `in_flight` holds the edge's counts by address when it answered.
+    fn backends_json(
+        &self,
+        in_flight: Option<&std::collections::BTreeMap<String, u64>>,
+    ) -> serde_json::Value {
         let mut rows = Vec::new();
         for service in &self.desired.services {
             for server in &service.servers {
                 let probe = (!server.container_id.is_empty())
                     .then(|| self.prober.state(&probe_key(server)))
                     .flatten();
+                let addr = server.addr.to_string();
+                let in_flight = in_flight.map(|counts| counts.get(&addr).copied().unwrap_or(0));
                 rows.push(json!({
                     "service": service.name,
+                    "in_flight": in_flight,
                     "container": server.container_name,
                     "container_id": server.container_id,
                     "addr": server.addr.to_string(),

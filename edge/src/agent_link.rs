@@ -205,6 +205,7 @@ fn serve_connection(
                     ready_workers: shared
                         .ready_workers
                         .load(std::sync::atomic::Ordering::SeqCst),
+                    in_flight: shared.in_flight_totals(),
                 }
             }
             Err(e) => EdgeMessage::Error {

@@ -191,6 +191,9 @@ fn run(args: RunArgs, fixed_snapshot: Option<Snapshot>) -> anyhow::Result<()> {
         route_stats,
         unrouted_stats: Arc::new(RouteStats::new(settings.workers)),
         ready_workers: Default::default(),
+        in_flight: (0..settings.workers)
+            .map(|_| Mutex::new(Vec::new()))
+            .collect(),
         fallback_cert,
         ticketer: rustls::crypto::ring::Ticketer::new().context("creating the TLS ticket key")?,
         settings,

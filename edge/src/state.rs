@@ -84,6 +84,22 @@ impl EntryPoint {
     }
 }
 
+impl Shared {
+    /// Returns the requests in flight per backend, summed over workers.
+    pub fn in_flight_totals(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut totals = std::collections::BTreeMap::new();
+        for worker in self.in_flight.iter() {
+            let counts = worker
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (addr, n) in counts.iter() {
+                *totals.entry(addr.to_string()).or_insert(0) += u64::from(*n);
+            }
+        }
+        totals
+    }
+}
+
 impl Compiled {
     /// Returns the highest-priority router on `entrypoint` whose rule matches. `req.host()`
     /// must already be normalised (lowercase, no port, no trailing dot).
@@ -124,6 +140,9 @@ impl Compiled {
     }
 }
 
+/// Requests in flight per backend address on one worker.
+pub type InFlightCounts = Vec<(SocketAddr, u32)>;
+
 /// State shared by the workers, the admin listener and the control thread.
 pub struct Shared {
     pub settings: Settings,
@@ -135,6 +154,9 @@ pub struct Shared {
     /// Counters for requests answered without a route (404, redirects, 400s).
     pub unrouted_stats: Arc<RouteStats>,
     pub ready_workers: AtomicUsize,
+    /// Requests in flight per backend, one list per worker, republished by each worker every
+    /// housekeeping tick so that the request path takes no lock.
+    pub in_flight: Box<[Mutex<InFlightCounts>]>,
     pub fallback_cert: Arc<CertifiedKey>,
     pub ticketer: Arc<dyn rustls::server::ProducesTickets>,
 }

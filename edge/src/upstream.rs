@@ -197,6 +197,17 @@ impl Upstreams {
         });
     }
 
+    /// Returns the requests in flight per backend on this worker.
+    pub fn in_flight_counts(&self) -> Vec<(SocketAddr, u32)> {
+        let state = self.balance.borrow();
+        state
+            .in_flight
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(addr, n)| (*addr, *n))
+            .collect()
+    }
+
     /// Closes expired idle connections.
     pub fn sweep(&self) {
         let now = Instant::now();

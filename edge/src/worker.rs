@@ -443,6 +443,12 @@ async fn housekeeping(ctx: Rc<WorkerCtx>) {
             _ = monoio::time::sleep(HOUSEKEEPING_INTERVAL) => {},
         }
         ctx.access_log.borrow_mut().flush();
+        let counts = ctx.upstreams.in_flight_counts();
+        if let Some(slot) = ctx.shared.in_flight.get(ctx.id) {
+            *slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = counts;
+        }
         ticks = ticks.wrapping_add(1);
         if ticks.is_multiple_of(10) {
             ctx.upstreams.sweep();

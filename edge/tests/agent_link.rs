@@ -91,6 +91,25 @@ fn pushed_snapshot_applies_and_persists() {
 }
 
 #[test]
+fn status_counts_requests_in_flight() {
+    let backend = Backend::start("busy");
+    let dir = common::temp_dir("agent-in-flight");
+    let socket = dir.join("edge.sock");
+    let edge = start(&dir);
+    let apply = serde_json::json!({"type": "apply", "snapshot": snapshot_json(1, "Host(`t`)", &backend.url())});
+    assert_eq!(push(&socket, apply)["type"], "applied");
+
+    let http = edge.http;
+    let slow =
+        std::thread::spawn(move || request(http, "GET /slow/1500 HTTP/1.1\r\nHost: t\r\n\r\n"));
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let status = push(&socket, serde_json::json!({"type": "status"}));
+    assert_eq!(status["in_flight"][backend.addr.to_string()], 1, "{status}");
+    assert_eq!(slow.join().unwrap().status, 200);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn garbage_message_gets_error_reply() {
     let dir = common::temp_dir("agent-garbage");
     let _edge = start(&dir);

@@ -35,6 +35,10 @@ pub enum EdgeMessage {
         routers: usize,
         workers: usize,
         ready_workers: usize,
+        /// Requests in flight per backend address, summed over workers (at most about 100 ms
+        /// old).
+        #[serde(default)]
+        in_flight: std::collections::BTreeMap<String, u64>,
     },
     /// The request line could not be parsed.
     Error { message: String },
