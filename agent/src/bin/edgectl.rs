@@ -128,6 +128,7 @@ fn render(command: &Command, data: &Value) -> String {
                 "container",
                 "addr",
                 "state",
+                "in_flight",
                 "docker_health",
                 "healthy",
                 "last_probe_result",
