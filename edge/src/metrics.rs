@@ -174,27 +174,29 @@ pub fn render(shared: &Shared) -> String {
         "edge_connections_active{{listener=\"websecure\"}} {}",
         sum(&|m| m.active_https.load(Relaxed))
     );
-    out.push_str("# HELP edge_connections_total Client connections accepted.\n");
-    out.push_str("# TYPE edge_connections_total counter\n");
-    let _ = writeln!(
-        out,
-        "edge_connections_total {}",
-        sum(&|m| m.connections_total.load(Relaxed))
-    );
-    out.push_str("# HELP edge_tls_handshakes_total Completed TLS handshakes.\n");
-    out.push_str("# TYPE edge_tls_handshakes_total counter\n");
-    let _ = writeln!(
-        out,
-        "edge_tls_handshakes_total {}",
-        sum(&|m| m.tls_handshakes.load(Relaxed))
-    );
-    out.push_str("# HELP edge_tls_handshake_failures_total Failed or timed-out TLS handshakes.\n");
-    out.push_str("# TYPE edge_tls_handshake_failures_total counter\n");
-    let _ = writeln!(
-        out,
-        "edge_tls_handshake_failures_total {}",
-        sum(&|m| m.tls_handshake_failures.load(Relaxed))
-    );
+    let simple = [
+        (
+            "edge_connections_total",
+            "counter",
+            "Client connections accepted.",
+            sum(&|m| m.connections_total.load(Relaxed)),
+        ),
+        (
+            "edge_tls_handshakes_total",
+            "counter",
+            "Completed TLS handshakes.",
+            sum(&|m| m.tls_handshakes.load(Relaxed)),
+        ),
+        (
+            "edge_tls_handshake_failures_total",
+            "counter",
+            "Failed or timed-out TLS handshakes.",
+            sum(&|m| m.tls_handshake_failures.load(Relaxed)),
+        ),
+    ];
+    for (name, kind, help, value) in simple {
+        write_metric(&mut out, name, kind, help, value);
+    }
     out.push_str("# HELP edge_upstream_errors_total Failed requests to backends, by kind.\n");
     out.push_str("# TYPE edge_upstream_errors_total counter\n");
     for kind in UpstreamErrorKind::ALL {
@@ -205,18 +207,25 @@ pub fn render(shared: &Shared) -> String {
             sum(&|m| m.upstream_errors[kind as usize].load(Relaxed))
         );
     }
-    out.push_str("# HELP edge_workers_ready Workers that have started serving.\n");
-    out.push_str("# TYPE edge_workers_ready gauge\n");
-    let _ = writeln!(
-        out,
-        "edge_workers_ready {}",
-        shared.ready_workers.load(Relaxed)
+    let ready = shared.ready_workers.load(Relaxed) as u64;
+    write_metric(
+        &mut out,
+        "edge_workers_ready",
+        "gauge",
+        "Workers that have started serving.",
+        ready,
     );
-    let compiled = shared.current.load();
-    out.push_str("# HELP edge_config_version Version of the routes snapshot being served.\n");
-    out.push_str("# TYPE edge_config_version gauge\n");
-    let _ = writeln!(out, "edge_config_version {}", compiled.version);
+    let version = shared.current.load().version;
+    let help = "Version of the routes snapshot being served.";
+    write_metric(&mut out, "edge_config_version", "gauge", help, version);
     out
+}
+
+/// Appends one metric without labels, with its HELP and TYPE lines.
+fn write_metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    let _ = writeln!(out, "{name} {value}");
 }
 
 fn escape_label(value: &str) -> String {

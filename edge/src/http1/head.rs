@@ -124,22 +124,9 @@ pub fn parse_request(
 ) -> Result<Option<()>, HeadError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut fields);
-    let head_len = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => {
-            if buf.len() >= max_bytes {
-                return Err(HeadError::TooLarge);
-            }
-            check_line_endings(buf, false)?;
-            return Ok(None);
-        }
-        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-        Err(e) => return Err(HeadError::Invalid(httparse_reason(e))),
+    let Some(head_len) = complete_head_len(req.parse(buf), buf, max_bytes, true)? else {
+        return Ok(None);
     };
-    if head_len > max_bytes {
-        return Err(HeadError::TooLarge);
-    }
-    check_line_endings(&buf[..head_len], true)?;
 
     out.head_len = head_len;
     out.headers.clear();
@@ -286,21 +273,9 @@ pub fn parse_response(
 ) -> Result<Option<()>, HeadError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut res = httparse::Response::new(&mut fields);
-    let head_len = match res.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => {
-            if buf.len() >= max_bytes {
-                return Err(HeadError::TooLarge);
-            }
-            return Ok(None);
-        }
-        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-        Err(e) => return Err(HeadError::Invalid(httparse_reason(e))),
+    let Some(head_len) = complete_head_len(res.parse(buf), buf, max_bytes, false)? else {
+        return Ok(None);
     };
-    if head_len > max_bytes {
-        return Err(HeadError::TooLarge);
-    }
-    check_line_endings(&buf[..head_len], true)?;
 
     out.head_len = head_len;
     out.headers.clear();
@@ -391,6 +366,36 @@ pub fn parse_response(
         Version::Http10 => connection_keep_alive && !connection_close,
     } && out.framing() != BodyFraming::UntilClose;
     Ok(Some(()))
+}
+
+/// Turns an httparse result into the head length, `None` while incomplete, or the error.
+/// Line endings are checked on the complete head, and also on a partial request head so that
+/// a bare LF is rejected before the size limit is reached.
+fn complete_head_len(
+    parsed: httparse::Result<usize>,
+    buf: &[u8],
+    max_bytes: usize,
+    check_partial: bool,
+) -> Result<Option<usize>, HeadError> {
+    let head_len = match parsed {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            if buf.len() >= max_bytes {
+                return Err(HeadError::TooLarge);
+            }
+            if check_partial {
+                check_line_endings(buf, false)?;
+            }
+            return Ok(None);
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(e) => return Err(HeadError::Invalid(httparse_reason(e))),
+    };
+    if head_len > max_bytes {
+        return Err(HeadError::TooLarge);
+    }
+    check_line_endings(&buf[..head_len], true)?;
+    Ok(Some(head_len))
 }
 
 /// Returns whether `name` is a hop-by-hop header that a proxy never forwards as is.
