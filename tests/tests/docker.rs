@@ -21,6 +21,8 @@ use std::{
 };
 
 const IMAGE: &str = "edge-test-backend:latest";
+/// The same backend with a Docker HEALTHCHECK (`test-backend --check` every 500 ms).
+const IMAGE_WITH_HEALTHCHECK: &str = "edge-test-backend:healthcheck";
 
 /// Serialises the tests: every agent sees every container on the engine, and two cores do
 /// not run several stacks well.
@@ -199,7 +201,22 @@ impl Stack {
         labels: &[String],
         env: &[&str],
     ) -> String {
+        self.run_with(project, service, name, labels, env, &[])
+    }
+
+    /// Like [`Stack::run`], with extra `docker run` options placed before the image;
+    /// `--healthcheck-image` selects the image with a Docker HEALTHCHECK.
+    fn run_with(
+        &mut self,
+        project: &str,
+        service: &str,
+        name: &str,
+        labels: &[String],
+        env: &[&str],
+        options: &[&str],
+    ) -> String {
         let mut args: Vec<String> = vec!["run".into(), "-d".into(), "--name".into(), name.into()];
+        args.extend(options.iter().map(|o| o.to_string()));
         for label in [
             "edge-e2e=1".to_owned(),
             format!("com.docker.compose.project={project}"),
@@ -217,7 +234,13 @@ impl Stack {
             args.push("-e".into());
             args.push((*e).to_owned());
         }
-        args.push(IMAGE.into());
+        let image = if options.contains(&"--healthcheck-image") {
+            IMAGE_WITH_HEALTHCHECK
+        } else {
+            IMAGE
+        };
+        args.retain(|a| a != "--healthcheck-image");
+        args.push(image.into());
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let id = docker(&refs);
         self.containers.push(name.to_owned());
@@ -477,6 +500,51 @@ fn unready_container_gets_no_traffic() {
     assert!(statuses.contains(&503), "statuses seen: {statuses:?}");
     assert_eq!(statuses.last(), Some(&200), "statuses seen: {statuses:?}");
     assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 1);
+}
+
+#[test]
+fn docker_healthcheck_gates_traffic() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !docker_enabled() {
+        return;
+    }
+    let mut stack = Stack::start("healthcheck");
+    // /health passes at once, but Docker's HEALTHCHECK only after 3 s: the agent must wait
+    // for both.
+    stack.run_with(
+        "checked",
+        "web",
+        "checked-web-1",
+        &site_labels("Host(`checked.test`)"),
+        &["DOCKER_READY_AFTER_MS=3000"],
+        &["--healthcheck-image"],
+    );
+    let deadline = Instant::now() + JOIN_LIMIT;
+    let mut statuses = Vec::new();
+    while Instant::now() < deadline {
+        let (status, _) = stack.get("checked.test", "/").unwrap();
+        if statuses.last() != Some(&status) {
+            statuses.push(status);
+        }
+        if status == 200 {
+            // The first page may only come after Docker itself reports the container
+            // healthy; the agent's own probe passed seconds earlier.
+            let health = docker(&["inspect", "-f", "{{.State.Health.Status}}", "checked-web-1"]);
+            assert_eq!(health, "healthy", "served while Docker's health check was {health}");
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(statuses.contains(&503), "statuses seen: {statuses:?}");
+    assert_eq!(statuses.last(), Some(&200), "statuses seen: {statuses:?}");
+    let backends = stack.edgectl(&["backends"]);
+    let row = backends
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["container"] == "checked-web-1")
+        .unwrap_or_else(|| panic!("no backend checked-web-1 in {backends}"));
+    assert_eq!(row["docker_health"], "healthy", "{backends}");
 }
 
 /// Sends requests to `host` until stopped; counts failures and keeps the last bodies.

@@ -13,6 +13,8 @@ use anyhow::{bail, Context as _};
 
 /// Image the Docker tests run, built from the workspace's `test-backend` binary.
 pub const TEST_IMAGE: &str = "edge-test-backend:latest";
+/// The same image with a Docker HEALTHCHECK that runs `test-backend --check`.
+pub const TEST_IMAGE_WITH_HEALTHCHECK: &str = "edge-test-backend:healthcheck";
 
 /// Socket, state and pid file locations of the test engine.
 const SOCKET: &str = "/run/edge-test-docker.sock";
@@ -179,5 +181,18 @@ pub fn build_test_image(root: &Path) -> anyhow::Result<()> {
         docker()
             .args(["build", "--quiet", "--tag", TEST_IMAGE])
             .arg(&context),
+    )?;
+    let checked = root.join("target").join("edge-test-image-healthcheck");
+    std::fs::create_dir_all(&checked)?;
+    std::fs::write(
+        checked.join("Dockerfile"),
+        format!(
+            "FROM {TEST_IMAGE}\nHEALTHCHECK --interval=500ms --timeout=2s --retries=1 CMD [\"/test-backend\", \"--check\"]\n"
+        ),
+    )?;
+    super::run(
+        docker()
+            .args(["build", "--quiet", "--tag", TEST_IMAGE_WITH_HEALTHCHECK])
+            .arg(&checked),
     )
 }

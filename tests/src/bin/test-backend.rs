@@ -3,7 +3,11 @@
 //! and 503 again from SIGTERM on while it keeps serving for a drain time.
 //!
 //! Environment: `BACKEND_NAME` (default: the host name), `PORT` (8080), `STARTUP_DELAY_MS`
-//! (0), `DRAIN_MS` (2000).
+//! (0), `DRAIN_MS` (2000), `DOCKER_READY_AFTER_MS` (0).
+//!
+//! `test-backend --check` is a Docker HEALTHCHECK command: it exits 0 once the server has run
+//! for `DOCKER_READY_AFTER_MS`, independently of `/health`, so tests can tell the two gates
+//! apart.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -23,7 +27,22 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// Marker file the server writes once Docker's health check may pass.
+const READY_MARKER: &str = "/tmp/docker-ready";
+
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--check") {
+        let ready = std::path::Path::new(READY_MARKER).exists();
+        std::process::exit(if ready { 0 } else { 1 });
+    }
+    let docker_ready_after = Duration::from_millis(env_u64("DOCKER_READY_AFTER_MS", 0));
+    thread::spawn(move || {
+        thread::sleep(docker_ready_after);
+        let _ = std::fs::create_dir_all("/tmp");
+        if let Err(e) = std::fs::write(READY_MARKER, b"ready") {
+            eprintln!("test-backend: cannot write {READY_MARKER}: {e}");
+        }
+    });
     let name = std::env::var("BACKEND_NAME")
         .or_else(|_| std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()))
         .unwrap_or_else(|_| "backend".to_owned());
