@@ -42,6 +42,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if !matches!(cli.command, Some(Command::CheckConfig { .. })) {
         logging::init(cli.run.log_format);
+        std::panic::set_hook(Box::new(|panic| {
+            error!(panic = %panic, "panic");
+        }));
     }
     let result = match cli.command {
         Some(Command::CheckConfig { file }) => {

@@ -353,7 +353,11 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, listener: TcpListener, entrypoint: Entr
                     local_port,
                     entrypoint,
                 };
-                monoio::spawn(handle_connection(ctx.clone(), stream, info));
+                monoio::spawn(CatchUnwind(Box::pin(handle_connection(
+                    ctx.clone(),
+                    stream,
+                    info,
+                ))));
             }
             Err(e) => {
                 // EMFILE and ENFILE storms repeat on every accept: log once per second.
@@ -371,6 +375,26 @@ async fn accept_loop(ctx: Rc<WorkerCtx>, listener: TcpListener, entrypoint: Entr
         listener = entrypoint.name(),
         "stopped accepting"
     );
+}
+
+/// Runs a connection task and stops a panic inside it at the task boundary, so a bug on one
+/// connection closes that connection and not the whole worker. The panic hook installed in
+/// `main` has already logged the panic with its location.
+struct CatchUnwind<F>(Pin<Box<F>>);
+
+impl<F: Future<Output = ()>> Future for CatchUnwind<F> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(poll) => poll,
+            Err(_) => {
+                error!("a connection task panicked; its connection is closed");
+                Poll::Ready(())
+            }
+        }
+    }
 }
 
 /// Counts a connection as active for as long as it is alive.
@@ -459,6 +483,23 @@ async fn housekeeping(ctx: Rc<WorkerCtx>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn panicking_task_spares_the_worker() {
+        let mut runtime = RuntimeBuilder::<LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        let survived = runtime.block_on(async {
+            let crashed = monoio::spawn(CatchUnwind(Box::pin(async {
+                panic!("bug in one connection");
+            })));
+            crashed.await;
+            let healthy = monoio::spawn(async { 42 });
+            healthy.await
+        });
+        assert_eq!(survived, 42);
+    }
 
     #[test]
     fn request_id_is_hex() {
