@@ -782,6 +782,20 @@ where
     let head_len = out.len() as u64;
     bufs.upbuf.consume(rhead.head_len);
 
+    // A body that already arrived whole goes out in the same write as the head: one write
+    // per small response instead of two.
+    let mut body_bytes = 0;
+    let mut out_framing = out_framing;
+    if let BodyFraming::Length(n) = framing {
+        if n <= bufs.upbuf.len() as u64 && !switching {
+            let n = n as usize;
+            bufs.out.extend_from_slice(&bufs.upbuf.data()[..n]);
+            bufs.upbuf.consume(n);
+            body_bytes = n as u64;
+            out_framing = None;
+        }
+    }
+
     let out = std::mem::take(&mut bufs.out);
     let (written, out) = with_timeout_pair(settings.body_idle_timeout, client.write_all(out)).await;
     bufs.out = out;
@@ -800,7 +814,6 @@ where
         });
     }
 
-    let mut body_bytes = 0;
     if let Some(out_framing) = out_framing {
         let limits = PumpLimits {
             idle: settings.body_idle_timeout,
