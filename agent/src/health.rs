@@ -118,6 +118,12 @@ impl Prober {
         self.seeds = seeds;
     }
 
+    /// Forgets the seeds once the backends that existed at start have their probes: a
+    /// container started later may reuse a seeded address and must earn its health.
+    pub fn clear_seeds(&mut self) {
+        self.seeds.clear();
+    }
+
     /// Starts probes for new backends and stops those of backends that are gone.
     pub fn sync(&mut self, wanted: &[(ProbeKey, HealthSpec)]) {
         let wanted_keys: HashMap<&ProbeKey, &HealthSpec> =
@@ -305,6 +311,33 @@ mod tests {
         }
         assert!(state.record(false, "503".into(), THRESHOLDS));
         assert!(!state.healthy);
+    }
+
+    #[tokio::test]
+    async fn seeds_apply_only_at_start() {
+        let (changed, _rx) = watch::channel(0);
+        let mut prober = Prober::new(THRESHOLDS, changed);
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        prober.seed(HashMap::from([(addr, true)]));
+        let spec = HealthSpec {
+            interval: Duration::from_secs(3600),
+            ..HealthSpec::default()
+        };
+        let old = ProbeKey {
+            container_id: "old".into(),
+            addr,
+        };
+        prober.sync(&[(old.clone(), spec.clone())]);
+        assert!(prober.state(&old).unwrap().healthy);
+
+        // A new container that reuses the address must earn its health.
+        prober.clear_seeds();
+        let new = ProbeKey {
+            container_id: "new".into(),
+            addr,
+        };
+        prober.sync(&[(new.clone(), spec)]);
+        assert!(!prober.state(&new).unwrap().healthy);
     }
 
     #[tokio::test]

@@ -157,6 +157,7 @@ async fn run(args: Args) -> Result<(), String> {
         routes_file: args.routes_file.clone(),
         seed_file: Some(args.state_dir.join("edge-snapshot.json")),
         docker_enabled: args.docker,
+        drains_file: Some(args.state_dir.join("agent-drains.json")),
     };
     info!(
         edge_socket = %edge_socket.display(),

@@ -44,6 +44,8 @@ pub struct LoopSettings {
     pub seed_file: Option<PathBuf>,
     /// Whether Docker is used at all; without it only the routes file is served.
     pub docker_enabled: bool,
+    /// Where operator drains are kept across restarts.
+    pub drains_file: Option<PathBuf>,
 }
 
 /// What the edge last told the agent.
@@ -61,6 +63,8 @@ pub struct Reconciler {
     edge: EdgeLink,
     edge_state: EdgeState,
     drained: BTreeSet<String>,
+    /// Problems already logged, so each is logged once while it lasts.
+    logged_errors: BTreeSet<String>,
     file_snapshot: Option<Snapshot>,
     file_error: Option<String>,
     desired: Desired,
@@ -81,13 +85,15 @@ impl Reconciler {
         if let Some(path) = &settings.seed_file {
             prober.seed(read_seed(path));
         }
+        let drained = load_drains(settings.drains_file.as_deref());
         Self {
             settings,
             docker,
             prober,
             edge,
             edge_state: EdgeState::default(),
-            drained: BTreeSet::new(),
+            drained,
+            logged_errors: BTreeSet::new(),
             file_snapshot: None,
             file_error: None,
             desired: Desired::default(),
@@ -170,6 +176,11 @@ impl Reconciler {
             }
         }
         self.prober.sync(&probes);
+        if docker_ever || !self.settings.docker_enabled {
+            // The backends present at start now have probes with seeded health.
+            self.prober.clear_seeds();
+        }
+        self.log_new_errors();
 
         // Never push a view without Docker's routes while Docker has not been read once: the
         // edge keeps serving what it has.
@@ -299,14 +310,33 @@ impl Reconciler {
                 }
                 info!(backend, matched = ?matched, "draining on operator request");
                 self.drained.insert(backend);
+                self.save_drains();
                 CtlResponse::ok(json!({ "drained": matched }))
             }
             CtlRequest::Undrain { backend } => {
-                if !self.drained.remove(&backend) {
-                    return CtlResponse::error(format!("{backend:?} is not drained"));
+                // Any drain that covers one of the same backends is lifted, whichever name
+                // (container, id prefix or address) it was given with.
+                let targets = self.matching_servers(&backend);
+                let before = self.drained.len();
+                let desired = &self.desired;
+                self.drained.retain(|pattern| {
+                    pattern != &backend
+                        && !desired
+                            .services
+                            .iter()
+                            .flat_map(|s| &s.servers)
+                            .any(|server| {
+                                matches_backend(pattern, server) && targets.contains(&server.addr)
+                            })
+                });
+                if self.drained.len() == before {
+                    return CtlResponse::error(format!(
+                        "no drained backend matches {backend:?}; `edgectl backends` lists them"
+                    ));
                 }
                 info!(backend, "undrained on operator request");
-                CtlResponse::ok(json!({ "undrained": backend }))
+                self.save_drains();
+                CtlResponse::ok(json!({ "undrained": self.describe(&targets) }))
             }
             CtlRequest::Reload => {
                 self.load_routes_file();
@@ -411,6 +441,70 @@ impl Reconciler {
         json!(rows)
     }
 
+    fn matching_servers(&self, pattern: &str) -> Vec<SocketAddr> {
+        self.desired
+            .services
+            .iter()
+            .flat_map(|s| &s.servers)
+            .filter(|server| matches_backend(pattern, server))
+            .map(|server| server.addr)
+            .collect()
+    }
+
+    fn describe(&self, addrs: &[SocketAddr]) -> Vec<String> {
+        self.desired
+            .services
+            .iter()
+            .flat_map(|s| &s.servers)
+            .filter(|server| addrs.contains(&server.addr))
+            .map(|server| format!("{} {}", server.container_name, server.addr))
+            .collect()
+    }
+
+    /// Writes the operator's drains to the state directory, so they survive an agent restart.
+    fn save_drains(&self) {
+        let Some(path) = &self.settings.drains_file else {
+            return;
+        };
+        let patterns: Vec<&String> = self.drained.iter().collect();
+        let result = serde_json::to_vec(&patterns)
+            .map_err(std::io::Error::other)
+            .and_then(|json| {
+                let tmp = path.with_extension("json.tmp");
+                std::fs::write(&tmp, json)?;
+                std::fs::rename(&tmp, path)
+            });
+        if let Err(e) = result {
+            error!(path = %path.display(), error = %e, "cannot save the drained backends; they will be lost on restart");
+        }
+    }
+
+    /// Logs label problems that were not there at the previous rebuild, and ACME requests,
+    /// which are not served yet.
+    fn log_new_errors(&mut self) {
+        let mut current = BTreeSet::new();
+        for e in &self.desired.errors {
+            let line = e.to_string();
+            if !self.logged_errors.contains(&line) {
+                warn!(container = %e.container, "{line}");
+            }
+            current.insert(line);
+        }
+        for request in &self.desired.certificates {
+            let line = format!(
+                "routers {} ask certificate resolver {:?} for {}: ACME is not implemented yet, so the edge serves its self-signed default certificate for these names",
+                request.routers.join(", "),
+                request.resolver,
+                request.names.join(", ")
+            );
+            if !self.logged_errors.contains(&line) {
+                warn!("{line}");
+            }
+            current.insert(line);
+        }
+        self.logged_errors = current;
+    }
+
     fn matching_backends(&self, pattern: &str) -> Vec<String> {
         self.desired
             .services
@@ -460,6 +554,28 @@ fn next_version(previous: u64) -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     now.max(previous + 1)
+}
+
+/// Reads the operator's drains saved by a previous run.
+fn load_drains(path: Option<&std::path::Path>) -> BTreeSet<String> {
+    let Some(path) = path else {
+        return BTreeSet::new();
+    };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return BTreeSet::new();
+    };
+    match serde_json::from_str::<BTreeSet<String>>(&text) {
+        Ok(drains) => {
+            if !drains.is_empty() {
+                info!(drains = ?drains, "drained backends restored from the previous run");
+            }
+            drains
+        }
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "cannot parse the saved drains; starting without drains");
+            BTreeSet::new()
+        }
+    }
 }
 
 /// Reads backend health from the edge's persisted snapshot: servers that were up stay up

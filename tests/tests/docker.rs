@@ -460,6 +460,27 @@ fn replicas_share_requests() {
         seen.into_iter().collect::<Vec<_>>(),
         vec!["scaled-web-1", "scaled-web-2"]
     );
+    // A drain by container name is lifted by the same backend's address.
+    stack.edgectl(&["drain", "scaled-web-1"]);
+    thread::sleep(Duration::from_millis(500));
+    for _ in 0..10 {
+        assert_eq!(
+            stack.get("scaled.test", "/").unwrap(),
+            (200, "scaled-web-2".to_owned())
+        );
+    }
+    let backends = stack.edgectl(&["backends"]);
+    let first = backends
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["container"] == "scaled-web-1")
+        .unwrap_or_else(|| panic!("no scaled-web-1 in {backends}"));
+    assert_eq!(first["state"], "draining");
+    let addr = first["addr"].as_str().unwrap().to_owned();
+    stack.edgectl(&["undrain", &addr]);
+    thread::sleep(Duration::from_millis(500));
+
     let backends = stack.edgectl(&["backends"]);
     let up = backends
         .as_array()
@@ -530,7 +551,10 @@ fn docker_healthcheck_gates_traffic() {
             // The first page may only come after Docker itself reports the container
             // healthy; the agent's own probe passed seconds earlier.
             let health = docker(&["inspect", "-f", "{{.State.Health.Status}}", "checked-web-1"]);
-            assert_eq!(health, "healthy", "served while Docker's health check was {health}");
+            assert_eq!(
+                health, "healthy",
+                "served while Docker's health check was {health}"
+            );
             break;
         }
         thread::sleep(Duration::from_millis(100));

@@ -22,9 +22,18 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         "-p",
         "agent",
     ]))?;
-    let release = root.join("target").join("release");
-    let state_dir = root.join("target").join("edge-run-state");
-    std::fs::create_dir_all(&state_dir)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let release = target.join("release");
+    let state_dir = target.join("edge-run-state");
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&state_dir)?;
+    }
     let mut edge = Command::new(release.join("edge"))
         .arg("demo")
         .arg("--state-dir")
@@ -32,7 +41,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         .args(["--log-format", "text"])
         .stdin(Stdio::null())
         .spawn()
-        .context("starting the edge")?;
+        .with_context(|| format!("starting {}", release.join("edge").display()))?;
     // Give the edge a moment to bind its snapshot socket before the agent connects.
     std::thread::sleep(std::time::Duration::from_millis(300));
     let mut agent = Command::new(release.join("agent"))
@@ -41,7 +50,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         .args(["--log-format", "text"])
         .stdin(Stdio::null())
         .spawn()
-        .context("starting the agent")?;
+        .with_context(|| format!("starting {}", release.join("agent").display()))?;
     eprintln!(
         "xtask: edge and agent running with state directory {}; `EDGE_STATE_DIR={} target/release/edgectl status` shows the agent's view",
         state_dir.display(),

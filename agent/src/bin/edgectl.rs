@@ -13,9 +13,13 @@ use clap::{Parser, Subcommand};
 use edge_agent::ctl::{CtlRequest, CtlResponse, CONTROL_SOCKET_FILE};
 use serde_json::Value;
 
-/// Inspect and steer the edge agent.
+/// Inspect and steer the edge agent through its control socket.
 #[derive(Debug, Parser)]
-#[command(name = "edgectl", version, about)]
+#[command(
+    name = "edgectl",
+    version,
+    about = "Inspect and steer the edge agent through its control socket"
+)]
 struct Cli {
     /// The agent's control socket [default: $EDGE_STATE_DIR/agent.sock, else /var/lib/edge/agent.sock].
     #[arg(long, env = "EDGE_AGENT_SOCKET")]
@@ -141,9 +145,9 @@ fn render(command: &Command, data: &Value) -> String {
                 table(data, &["container", "key", "value", "message"])
             }
         }
-        Command::Drain { .. } | Command::Undrain { .. } | Command::Reload => {
-            format!("{}\n", compact(data))
-        }
+        Command::Drain { .. } => list_lines("draining (no new requests):", &data["drained"]),
+        Command::Undrain { .. } => list_lines("back in service:", &data["undrained"]),
+        Command::Reload => "routes file reloaded\n".to_owned(),
     }
 }
 
@@ -197,6 +201,15 @@ fn render_status(data: &Value) -> String {
     line("label errors", compact(&data["errors"]));
     if !data["routes_file_error"].is_null() {
         line("routes file error", compact(&data["routes_file_error"]));
+    }
+    out
+}
+
+/// Renders a title and one indented line per item of a JSON array.
+fn list_lines(title: &str, items: &Value) -> String {
+    let mut out = format!("{title}\n");
+    for item in items.as_array().into_iter().flatten() {
+        out.push_str(&format!("  {}\n", compact(item)));
     }
     out
 }
