@@ -30,6 +30,15 @@ impl ReadBuf {
         }
     }
 
+    /// Returns an empty buffer that allocates on its first read.
+    pub fn lazy(base_capacity: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            start: 0,
+            base_capacity,
+        }
+    }
+
     pub fn data(&self) -> &[u8] {
         &self.buf[self.start..]
     }

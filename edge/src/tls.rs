@@ -170,7 +170,15 @@ pub fn server_config(
     // NOTE: ring has no post-quantum hybrid key exchange; aws-lc-rs has one but needs a C and
     // CMake build on every machine.
     #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut provider = rustls::crypto::ring::default_provider();
+    // ring's provider lists P-384 first, and a server follows its own order when a client
+    // offers several key shares; X25519 is several times cheaper per handshake.
+    provider.kx_groups = vec![
+        rustls::crypto::ring::kx_group::X25519,
+        rustls::crypto::ring::kx_group::SECP256R1,
+        rustls::crypto::ring::kx_group::SECP384R1,
+    ];
+    let provider = Arc::new(provider);
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()

@@ -239,9 +239,13 @@ pub fn spawn(
         .name(format!("edge-worker-{id}"))
         .spawn(move || {
             if shared.settings.pin_workers {
-                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-                if let Err(e) = monoio::utils::bind_to_cpu_set(Some(id % cores)) {
-                    warn!(worker = id, error = %e, "cannot pin the worker to a core");
+                // Pin to the id-th CPU the process may use, so `taskset` and cgroup limits
+                // are respected.
+                let allowed = allowed_cpus();
+                if let Some(&cpu) = allowed.get(id % allowed.len().max(1)) {
+                    if let Err(e) = monoio::utils::bind_to_cpu_set(Some(cpu)) {
+                        warn!(worker = id, cpu, error = %e, "cannot pin the worker to a core");
+                    }
                 }
             }
             if let Err(e) = run(id, shared, listeners, stop) {
@@ -249,6 +253,21 @@ pub fn spawn(
                 std::process::exit(1);
             }
         })
+}
+
+/// Returns the CPUs this process may run on, in ascending order.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: `set` is a zeroed cpu_set_t on the stack and its size is passed with it;
+    // sched_getaffinity writes only inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect()
+    }
 }
 
 fn run(

@@ -102,7 +102,9 @@ where
         host: String::new(),
         path: String::new(),
         out: Vec::new(),
-        upbuf: ReadBuf::with_capacity(HEAD_READ_BYTES),
+        // Allocated on the first backend read, so an idle keep-alive connection holds only
+        // its client-side buffer.
+        upbuf: ReadBuf::lazy(HEAD_READ_BYTES),
         rhead: ResponseHead::default(),
         scratch: Vec::new(),
     };
