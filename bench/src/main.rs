@@ -1,8 +1,310 @@
-//! The load harness that measures edge against nginx, HAProxy, Traefik and Caddy. Not
-//! implemented yet.
+//! The load harness that measures edge against nginx, HAProxy, Traefik and Caddy on loopback
+//! (`bench run`), and its parts on their own: the load generator (`bench load`) and the static
+//! backend (`bench backend`).
 #![forbid(unsafe_code)]
 
-fn main() -> std::process::ExitCode {
-    eprintln!("bench: not implemented yet");
-    std::process::ExitCode::from(2)
+mod backend;
+mod harness;
+mod load;
+mod process;
+mod procfs;
+mod proxies;
+mod report;
+mod response;
+mod results;
+mod schedule;
+mod stats;
+mod svg;
+mod tls;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::{
+    load::{LoadConfig, LoadReport, Mode, Protocol},
+    proxies::ProxyKind,
+};
+
+/// Benchmark harness for the edge reverse proxy.
+#[derive(Debug, Parser)]
+#[command(name = "bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start the backend and every proxy on 127.0.0.1, measure them interleaved over rounds,
+    /// and write Markdown, JSON and SVG results.
+    Run(RunArgs),
+    /// Send load to one address and print the report.
+    Load(LoadArgs),
+    /// Serve the static backend until Ctrl-C.
+    Backend {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        addr: SocketAddr,
+        /// Threads, each with its own runtime.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Smoke run: 2 rounds of 0.5 s warm-up and 2 s measurement per cell (about 2 minutes).
+    /// Without it: 5 rounds of 1 s and 6 s (about 15 minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Number of rounds. Each round measures every target in every scenario once.
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Warm-up before each measured window, for example `500ms`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    warmup: Option<Duration>,
+    /// Length of each measured window, for example `6s`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Connections of the closed-loop keep-alive scenarios.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Concurrent connections of the new-TLS-connection-per-request scenario.
+    #[arg(long, default_value_t = 8)]
+    handshake_connections: usize,
+    /// Connections of the fixed-rate (open-loop) scenario.
+    #[arg(long, default_value_t = 64)]
+    fixed_rate_connections: usize,
+    /// Requests per second of the fixed-rate scenario [default: half of nginx's median
+    /// closed-loop HTTP/1.1 rate in the same run].
+    #[arg(long)]
+    fixed_rate: Option<f64>,
+    /// Proxies to measure, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "edge,nginx,haproxy,traefik,caddy"
+    )]
+    proxies: Vec<ProxyKind>,
+    /// The edge binary, built with `cargo build --release -p edge`.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/edge"))]
+    edge_bin: PathBuf,
+    /// Folder for the results.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    out: PathBuf,
+    /// Command line to record in the results [default: this program's arguments].
+    #[arg(long)]
+    command: Option<String>,
+    /// Time allowed for connect, handshake and response of one request.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+    /// Keep the temporary folder with configurations and proxy logs.
+    #[arg(long)]
+    keep_run_dir: bool,
+    /// Idle keep-alive TLS connections opened to each proxy to measure memory per connection;
+    /// 0 skips it [default: 1000 with --quick, else 5000].
+    #[arg(long)]
+    idle_connections: Option<usize>,
+}
+
+/// Pacing of `bench load`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ModeArg {
+    /// Back-to-back requests on each connection.
+    Closed,
+    /// Fixed total rate (`--rate`) with coordinated-omission correction.
+    Open,
+    /// A new connection per request (a full TLS handshake with `h1-tls`).
+    NewConnection,
+}
+
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    /// Address to send to; loopback only.
+    #[arg(long)]
+    target: SocketAddr,
+    /// Host header and TLS server name.
+    #[arg(long, default_value = proxies::ROUTE_HOST)]
+    host: String,
+    /// Request path.
+    #[arg(long, default_value = "/")]
+    path: String,
+    #[arg(long, value_enum, default_value = "h1")]
+    protocol: Protocol,
+    #[arg(long, value_enum, default_value = "closed")]
+    mode: ModeArg,
+    /// Total requests per second of `--mode open`.
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Load-generator threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Warm-up before the measured window.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Length of the measured window.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Time allowed for connect, handshake and response of one request.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Load(args) => load(&args),
+        Command::Backend { addr, threads } => serve_backend(addr, threads),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            if e.is::<harness::Interrupted>() {
+                ExitCode::from(130)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let command = args.command.unwrap_or_else(|| {
+        let argv: Vec<String> = std::env::args().collect();
+        argv.join(" ")
+    });
+    let options = harness::Options {
+        quick: args.quick,
+        rounds: args.rounds,
+        warmup: args.warmup,
+        duration: args.duration,
+        connections: args.connections,
+        handshake_connections: args.handshake_connections,
+        fixed_rate_connections: args.fixed_rate_connections,
+        fixed_rate: args.fixed_rate,
+        proxies: args.proxies,
+        edge_bin: args.edge_bin,
+        out: args.out,
+        command,
+        request_timeout: args.request_timeout,
+        keep_run_dir: args.keep_run_dir,
+        idle_connections: args.idle_connections,
+    };
+    let latest = harness::run(&options)?;
+    println!("{}", std::fs::read_to_string(&latest).unwrap_or_default());
+    eprintln!("bench: results written to {}", latest.display());
+    Ok(())
+}
+
+fn load(args: &LoadArgs) -> anyhow::Result<()> {
+    if !args.target.ip().is_loopback() {
+        anyhow::bail!(
+            "target {} is not a loopback address; the bench only loads 127.0.0.0/8 and ::1",
+            args.target
+        );
+    }
+    let mode = match args.mode {
+        ModeArg::Closed => Mode::Closed,
+        ModeArg::NewConnection => Mode::NewConnection,
+        ModeArg::Open => Mode::Open {
+            rate_per_s: args
+                .rate
+                .context("--mode open needs --rate REQUESTS_PER_SECOND")?,
+        },
+    };
+    let config = LoadConfig {
+        target: args.target,
+        host: args.host.clone(),
+        path: args.path.clone(),
+        protocol: args.protocol,
+        mode,
+        connections: args.connections,
+        threads: args.threads,
+        warmup: args.warmup,
+        duration: args.duration,
+        request_timeout: args.timeout,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())
+        .context("installing the Ctrl-C handler")?;
+    let report = load::run(&config, stop)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+fn print_report(report: &LoadReport) {
+    let latency = &report.latency_us;
+    println!(
+        "{}, {}, {} connections, {:.1} s measured",
+        report.protocol, report.mode, report.connections, report.measured_s
+    );
+    println!(
+        "requests/s {:.0}  responses {}  errors {}",
+        report.requests_per_s,
+        report.responses,
+        report.error_count()
+    );
+    for (kind, count) in &report.errors {
+        println!("  {kind}: {count}");
+    }
+    println!(
+        "latency µs{}: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+        if report.co_corrected {
+            " (coordinated-omission corrected)"
+        } else {
+            ""
+        },
+        latency.p50_us,
+        latency.p90_us,
+        latency.p99_us,
+        latency.p999_us,
+        latency.max_us
+    );
+    if let Some(send_lag) = &report.send_lag_us {
+        println!(
+            "send lag µs: p50 {}  p99 {}",
+            send_lag.p50_us, send_lag.p99_us
+        );
+    }
+    if let Some(session) = &report.tls_session {
+        println!("TLS: {session}");
+    }
+}
+
+fn serve_backend(addr: SocketAddr, threads: usize) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())
+        .context("installing the Ctrl-C handler")?;
+    let backend = backend::spawn(addr, threads)?;
+    eprintln!(
+        "bench: backend listening on {}; Ctrl-C stops it",
+        backend.addr
+    );
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }

@@ -1,7 +1,9 @@
-//! Project tasks: `cargo xtask test` (the full test suite, installing what it needs) and
-//! `cargo xtask tidy` (repository conventions).
+//! Project tasks: `cargo xtask test` (the full test suite, installing what it needs),
+//! `cargo xtask bench` (the benchmark harness), `cargo xtask run` and `cargo xtask tidy`
+//! (repository conventions).
 #![forbid(unsafe_code)]
 
+mod bench;
 mod docker;
 mod run;
 mod tidy;
@@ -22,12 +24,14 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
 
 fn main() -> ExitCode {
     let task = std::env::args().nth(1).unwrap_or_default();
+    let task_args: Vec<String> = std::env::args().skip(2).collect();
     let result = match task.as_str() {
         "test" => test(),
         "tidy" => tidy::check(&workspace_root()),
         "run" => run::run(&workspace_root()),
+        "bench" => bench::bench(&workspace_root(), &task_args),
         _ => {
-            eprintln!("usage: cargo xtask <test|tidy|run>\n  test  install test dependencies, then run tidy, every test and clippy\n  tidy  check repository conventions\n  run   build and run the edge (demo routes) and the agent together");
+            eprintln!("usage: cargo xtask <test|tidy|run|bench>\n  test   install test dependencies, then run tidy, every test and clippy\n  tidy   check repository conventions\n  run    build and run the edge (demo routes) and the agent together\n  bench  install the proxies to compare, build in release mode and run the benchmark;\n         `--quick` for a smoke run; `target/release/bench run --help` lists the other options");
             return ExitCode::from(2);
         }
     };

@@ -1,0 +1,792 @@
+//! The load generator: closed-loop, open-loop and new-connection-per-request runs of HTTP/1.1
+//! GET requests, plain or over TLS, on one current-thread tokio runtime per thread.
+//!
+//! Every run is bounded: connections stop sending at the end of the window, and a request in
+//! flight then is abandoned after the request timeout.
+
+use std::{
+    cell::RefCell,
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    rc::Rc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use rustls::pki_types::ServerName;
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tokio_rustls::{client::TlsStream, TlsConnector};
+
+use crate::{
+    response::{frame_response, Framing, ResponseHead},
+    schedule::{IdealQueue, Schedule},
+    stats::{duration_us, percentile_curve, ErrorKind, LatencySummary, Recorder},
+};
+
+/// Largest response the load generator buffers.
+const MAX_RESPONSE_BYTES: usize = 1 << 20;
+
+/// Pause after a failed connect before the next attempt of a closed-loop connection, so that
+/// a stopped server is not hammered in a tight loop.
+const CONNECT_RETRY_PAUSE: Duration = Duration::from_millis(10);
+
+/// Time between creating the runtimes and the start of the run, so every thread is ready.
+const START_DELAY: Duration = Duration::from_millis(50);
+
+/// Application protocol of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum Protocol {
+    /// HTTP/1.1 over plain TCP.
+    #[value(name = "h1")]
+    #[serde(rename = "h1")]
+    Http1,
+    /// HTTP/1.1 over TLS.
+    #[value(name = "h1-tls")]
+    #[serde(rename = "h1-tls")]
+    Http1Tls,
+    /// HTTP/2 over TLS, not supported yet.
+    #[value(name = "h2")]
+    #[serde(rename = "h2")]
+    Http2,
+    /// HTTP/3 over QUIC, not supported yet.
+    #[value(name = "h3")]
+    #[serde(rename = "h3")]
+    Http3,
+}
+
+impl Protocol {
+    fn uses_tls(self) -> bool {
+        !matches!(self, Self::Http1)
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Http1 => "HTTP/1.1",
+            Self::Http1Tls => "HTTPS HTTP/1.1",
+            Self::Http2 => "HTTPS HTTP/2",
+            Self::Http3 => "HTTP/3",
+        })
+    }
+}
+
+/// Pacing of the requests.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Mode {
+    /// Each connection sends its next request as soon as the previous response is complete.
+    Closed,
+    /// Requests are due at a fixed total rate (requests per second), and latency is measured
+    /// from the due time with coordinated-omission correction (see [`IdealQueue`]).
+    Open { rate_per_s: f64 },
+    /// Each request opens a new connection (a full TLS handshake without resumption, for TLS)
+    /// and sends `Connection: close`. The connections run closed-loop.
+    NewConnection,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Closed => f.write_str("closed loop"),
+            Self::Open { rate_per_s } => write!(f, "open loop at {rate_per_s} requests/s"),
+            Self::NewConnection => f.write_str("new connection per request"),
+        }
+    }
+}
+
+/// Target, protocol and pacing of one run.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    pub target: SocketAddr,
+    /// Value of the `Host` header, and the TLS server name.
+    pub host: String,
+    pub path: String,
+    pub protocol: Protocol,
+    pub mode: Mode,
+    pub connections: usize,
+    /// Load-generator threads, each with its own runtime. Connections are spread over them.
+    pub threads: usize,
+    /// Time before the measured window, whose requests are not recorded.
+    pub warmup: Duration,
+    /// Length of the measured window.
+    pub duration: Duration,
+    /// Time allowed for connect, handshake and response of one request.
+    pub request_timeout: Duration,
+}
+
+/// When a run starts, starts recording and stops sending.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    pub start: Instant,
+    pub measure_from: Instant,
+    pub end: Instant,
+}
+
+/// Results of one run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub protocol: Protocol,
+    pub mode: Mode,
+    pub connections: usize,
+    pub measured_s: f64,
+    /// 2xx responses to requests started (or due, in open loop) in the measured window.
+    pub responses: u64,
+    pub requests_per_s: f64,
+    /// Failed requests in the measured window, by kind.
+    pub errors: BTreeMap<String, u64>,
+    /// Whether `latency_us` counts from the due time of each request (open loop).
+    pub co_corrected: bool,
+    pub latency_us: LatencySummary,
+    /// `(percentile, microseconds)` points of `latency_us`.
+    pub latency_curve_us: Vec<(f64, u64)>,
+    /// Open loop only: latency from the actual send time.
+    pub uncorrected_latency_us: Option<LatencySummary>,
+    /// Open loop only: delay between due time and send time.
+    pub send_lag_us: Option<LatencySummary>,
+    /// Negotiated TLS version, cipher suite and key exchange.
+    pub tls_session: Option<String>,
+}
+
+impl LoadReport {
+    /// Returns the total number of failed requests.
+    pub fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+}
+
+/// A run in progress on its own threads.
+pub struct RunningLoad {
+    window: Window,
+    config: LoadConfig,
+    threads: Vec<JoinHandle<anyhow::Result<Recorder>>>,
+}
+
+impl RunningLoad {
+    pub fn window(&self) -> Window {
+        self.window
+    }
+
+    /// Waits for every thread and merges their results.
+    ///
+    /// # Errors
+    /// Fails when a thread could not build its runtime or panicked.
+    pub fn join(self) -> anyhow::Result<LoadReport> {
+        let mut total = Recorder::new();
+        for thread in self.threads {
+            let recorder = thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("a load-generator thread panicked"))??;
+            total.merge(&recorder);
+        }
+        Ok(report(&self.config, self.window, &total))
+    }
+}
+
+/// Starts a run on `config.threads` new threads. Setting `stop` ends it early.
+///
+/// # Errors
+/// Fails for protocols the load generator does not speak yet, for invalid settings, and when
+/// a thread cannot be spawned.
+pub fn start(config: &LoadConfig, stop: Arc<AtomicBool>) -> anyhow::Result<RunningLoad> {
+    match config.protocol {
+        Protocol::Http1 | Protocol::Http1Tls => {}
+        Protocol::Http2 | Protocol::Http3 => bail!(
+            "{} is not supported by the load generator yet; use h1 or h1-tls",
+            config.protocol
+        ),
+    }
+    if config.connections == 0 {
+        bail!("connections must be at least 1");
+    }
+    if let Mode::Open { rate_per_s } = config.mode {
+        if !(rate_per_s.is_finite() && rate_per_s > 0.0) {
+            bail!(
+                "open-loop rate must be a positive number of requests per second, not {rate_per_s}"
+            );
+        }
+    }
+    let tls = if config.protocol.uses_tls() {
+        let server_name = ServerName::try_from(config.host.clone())
+            .with_context(|| format!("invalid TLS server name {:?}", config.host))?;
+        Some((
+            TlsConnector::from(crate::tls::client_config()?),
+            server_name,
+        ))
+    } else {
+        None
+    };
+    let start = Instant::now() + START_DELAY;
+    let measure_from = start + config.warmup;
+    let window = Window {
+        start,
+        measure_from,
+        end: measure_from + config.duration,
+    };
+    let shared = Arc::new(Shared {
+        request: request_bytes(&config.host, &config.path, false),
+        closing_request: request_bytes(&config.host, &config.path, true),
+        config: config.clone(),
+        window,
+        tls,
+        stop,
+    });
+
+    let thread_count = config.threads.clamp(1, config.connections);
+    let mut threads = Vec::with_capacity(thread_count);
+    for thread_index in 0..thread_count {
+        let ids: Vec<usize> = (thread_index..config.connections)
+            .step_by(thread_count)
+            .collect();
+        let shared = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("load-{thread_index}"))
+            .spawn(move || run_thread(&shared, &ids))
+            .context("spawning a load-generator thread")?;
+        threads.push(handle);
+    }
+    Ok(RunningLoad {
+        window,
+        config: config.clone(),
+        threads,
+    })
+}
+
+/// Runs `config` to the end and returns its report.
+///
+/// # Errors
+/// As [`start`] and [`RunningLoad::join`].
+pub fn run(config: &LoadConfig, stop: Arc<AtomicBool>) -> anyhow::Result<LoadReport> {
+    start(config, stop)?.join()
+}
+
+/// Sends one GET with `Connection: close` to `target` on a new connection and returns the
+/// response status, to check that a server is up and routes `host`.
+///
+/// # Errors
+/// Fails with the kind of failure when no complete response arrives within `timeout`.
+pub fn probe(
+    target: SocketAddr,
+    host: &str,
+    protocol: Protocol,
+    timeout: Duration,
+) -> anyhow::Result<u16> {
+    let shared = single_connection_shared(target, host, protocol, timeout)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the probe runtime")?;
+    let recorder = RefCell::new(Recorder::new());
+    let mut conn = None;
+    let result = runtime.block_on(send_request(
+        &shared,
+        &mut conn,
+        &shared.closing_request,
+        &recorder,
+    ));
+    match result {
+        Ok(status) | Err(ErrorKind::Status(status)) => Ok(status),
+        Err(kind) => bail!("probe of {target} failed: {kind}"),
+    }
+}
+
+/// Keep-alive connections held open, idle, by a background thread until this is dropped.
+pub struct IdleConnections {
+    /// Connections that completed their request and are held.
+    pub opened: usize,
+    /// Connections that failed, by kind.
+    pub errors: BTreeMap<String, u64>,
+    release: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for IdleConnections {
+    fn drop(&mut self) {
+        // Dropping the sender wakes the thread, which then closes every connection.
+        self.release.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Opens `count` keep-alive connections to `target`, at most `concurrency` at a time, sends one
+/// request on each so that the server has set up its per-connection state, and keeps them
+/// open and idle until the returned value is dropped.
+///
+/// # Errors
+/// Fails when the TLS configuration or the thread cannot be set up. Connections that fail
+/// are counted in [`IdleConnections::errors`], not returned as an error.
+pub fn hold_idle_connections(
+    target: SocketAddr,
+    host: &str,
+    protocol: Protocol,
+    count: usize,
+    concurrency: usize,
+    timeout: Duration,
+) -> anyhow::Result<IdleConnections> {
+    let shared = single_connection_shared(target, host, protocol, timeout)?;
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("idle-connections".to_owned())
+        .spawn(move || {
+            let outcome = (|| -> anyhow::Result<()> {
+                let shared = Rc::new(shared);
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("building the idle-connection runtime")?;
+                let local = tokio::task::LocalSet::new();
+                let recorder = Rc::new(RefCell::new(Recorder::new()));
+                let held = Rc::new(RefCell::new(Vec::with_capacity(count)));
+                local.block_on(&runtime, async {
+                    let workers = concurrency.clamp(1, count.max(1));
+                    let mut tasks = Vec::with_capacity(workers);
+                    for worker in 0..workers {
+                        let shared = shared.clone();
+                        let recorder = recorder.clone();
+                        let held = held.clone();
+                        let share = count / workers + usize::from(worker < count % workers);
+                        tasks.push(tokio::task::spawn_local(async move {
+                            for _ in 0..share {
+                                let mut conn = None;
+                                match send_request(&shared, &mut conn, &shared.request, &recorder)
+                                    .await
+                                {
+                                    Ok(_) => held.borrow_mut().extend(conn),
+                                    Err(kind) => recorder.borrow_mut().record_error(kind),
+                                }
+                            }
+                        }));
+                    }
+                    for task in tasks {
+                        let _ = task.await;
+                    }
+                });
+                let errors = recorder
+                    .borrow()
+                    .errors
+                    .iter()
+                    .map(|(kind, n)| (kind.to_string(), *n))
+                    .collect();
+                let _ = opened_tx.send((held.borrow().len(), errors));
+                // Returns when the caller drops its `IdleConnections`.
+                let _ = release_rx.recv();
+                // The connections must be dropped while their runtime still exists.
+                held.borrow_mut().clear();
+                drop(runtime);
+                Ok(())
+            })();
+            if let Err(e) = outcome {
+                eprintln!("bench: idle connections failed: {e:#}");
+            }
+        })
+        .context("spawning the idle-connection thread")?;
+    let (opened, errors) = opened_rx
+        .recv()
+        .map_err(|_| anyhow::anyhow!("the idle-connection thread stopped before opening"))?;
+    Ok(IdleConnections {
+        opened,
+        errors,
+        release: Some(release_tx),
+        thread: Some(thread),
+    })
+}
+
+/// Builds the state for requests outside a timed run: probes and idle connections.
+fn single_connection_shared(
+    target: SocketAddr,
+    host: &str,
+    protocol: Protocol,
+    timeout: Duration,
+) -> anyhow::Result<Shared> {
+    let config = LoadConfig {
+        target,
+        host: host.to_owned(),
+        path: "/".to_owned(),
+        protocol,
+        mode: Mode::NewConnection,
+        connections: 1,
+        threads: 1,
+        warmup: Duration::ZERO,
+        duration: Duration::ZERO,
+        request_timeout: timeout,
+    };
+    let tls = if protocol.uses_tls() {
+        let server_name = ServerName::try_from(host.to_owned())
+            .with_context(|| format!("invalid TLS server name {host:?}"))?;
+        Some((
+            TlsConnector::from(crate::tls::client_config()?),
+            server_name,
+        ))
+    } else {
+        None
+    };
+    let now = Instant::now();
+    Ok(Shared {
+        request: request_bytes(host, "/", false),
+        closing_request: request_bytes(host, "/", true),
+        config,
+        window: Window {
+            start: now,
+            measure_from: now,
+            end: now,
+        },
+        tls,
+        stop: Arc::new(AtomicBool::new(false)),
+    })
+}
+
+/// State every connection task of a run reads.
+struct Shared {
+    config: LoadConfig,
+    window: Window,
+    request: Vec<u8>,
+    /// The request with `Connection: close`, for new-connection runs.
+    closing_request: Vec<u8>,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Shared {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+fn request_bytes(host: &str, path: &str, close: bool) -> Vec<u8> {
+    let connection = if close { "Connection: close\r\n" } else { "" };
+    format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: edge-bench\r\n{connection}\r\n")
+        .into_bytes()
+}
+
+fn run_thread(shared: &Arc<Shared>, connection_ids: &[usize]) -> anyhow::Result<Recorder> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building a load-generator runtime")?;
+    let local = tokio::task::LocalSet::new();
+    let recorder = Rc::new(RefCell::new(Recorder::new()));
+    local.block_on(&runtime, async {
+        let mut tasks = Vec::with_capacity(connection_ids.len());
+        for &id in connection_ids {
+            let shared = shared.clone();
+            let recorder = recorder.clone();
+            tasks.push(tokio::task::spawn_local(async move {
+                tokio::time::sleep_until(shared.window.start.into()).await;
+                match shared.config.mode {
+                    Mode::Closed => closed_loop(&shared, &recorder).await,
+                    Mode::Open { rate_per_s } => {
+                        let schedule = Schedule::new(id, shared.config.connections, rate_per_s);
+                        open_loop(&shared, schedule, &recorder).await;
+                    }
+                    Mode::NewConnection => new_connection_loop(&shared, &recorder).await,
+                }
+            }));
+        }
+        for task in tasks {
+            // A task that panicked loses its in-flight request only. The recorder keeps
+            // everything recorded before.
+            let _ = task.await;
+        }
+    });
+    let total = std::mem::take(&mut *recorder.borrow_mut());
+    Ok(total)
+}
+
+async fn closed_loop(shared: &Shared, recorder: &RefCell<Recorder>) {
+    let mut conn = None;
+    loop {
+        let started = Instant::now();
+        if started >= shared.window.end || shared.stopped() {
+            break;
+        }
+        let result = send_request(shared, &mut conn, &shared.request, recorder).await;
+        let done = Instant::now();
+        if started >= shared.window.measure_from {
+            record(recorder, result, done - started);
+        }
+        if result == Err(ErrorKind::Connect) {
+            tokio::time::sleep(CONNECT_RETRY_PAUSE).await;
+        }
+    }
+}
+
+async fn new_connection_loop(shared: &Shared, recorder: &RefCell<Recorder>) {
+    loop {
+        let started = Instant::now();
+        if started >= shared.window.end || shared.stopped() {
+            break;
+        }
+        let mut conn = None;
+        let result = send_request(shared, &mut conn, &shared.closing_request, recorder).await;
+        let done = Instant::now();
+        drop(conn);
+        if started >= shared.window.measure_from {
+            record(recorder, result, done - started);
+        }
+        if result == Err(ErrorKind::Connect) {
+            tokio::time::sleep(CONNECT_RETRY_PAUSE).await;
+        }
+    }
+}
+
+async fn open_loop(shared: &Shared, schedule: Schedule, recorder: &RefCell<Recorder>) {
+    let window = shared.window;
+    let run_len = window.end - window.start;
+    let warmup_len = window.measure_from - window.start;
+    let mut conn = None;
+    let mut previous_done: Option<Instant> = None;
+    let mut ideal = IdealQueue::default();
+    let mut k = 0;
+    loop {
+        let due_offset = schedule.due(k);
+        if due_offset >= run_len || shared.stopped() {
+            break;
+        }
+        let due = window.start + due_offset;
+        let behind = previous_done.is_some_and(|done| done > due);
+        if behind && Instant::now() >= window.end {
+            // The connection fell behind: the requests still due in the window were never
+            // sent. They count as errors so that an overloaded server cannot look fast. A
+            // request that is only late because of the timer is still sent, even after the end.
+            let unsent = schedule
+                .due_before(k, run_len)
+                .saturating_sub(schedule.due_before(k, warmup_len));
+            recorder.borrow_mut().add_errors(ErrorKind::NotSent, unsent);
+            break;
+        }
+        tokio::time::sleep_until(due.into()).await;
+        let sent = Instant::now();
+        let result = send_request(shared, &mut conn, &shared.request, recorder).await;
+        let done = Instant::now();
+        // Every request, failed and warm-up ones included, occupies the ideal connection for
+        // as long as the server took, so later requests queue behind it.
+        let corrected = ideal.latency(due, done - sent);
+        if due >= window.measure_from {
+            match result {
+                Ok(_) => {
+                    let mut recorder = recorder.borrow_mut();
+                    recorder.record_latency(corrected);
+                    recorder
+                        .uncorrected_latency_us
+                        .saturating_record(duration_us(done - sent));
+                    recorder
+                        .send_lag_us
+                        .saturating_record(duration_us(sent.saturating_duration_since(due)));
+                }
+                Err(kind) => recorder.borrow_mut().record_error(kind),
+            }
+        }
+        previous_done = Some(done);
+        k += 1;
+    }
+}
+
+fn record(recorder: &RefCell<Recorder>, result: Result<u16, ErrorKind>, latency: Duration) {
+    let mut recorder = recorder.borrow_mut();
+    match result {
+        Ok(_) => recorder.record_latency(latency),
+        Err(kind) => recorder.record_error(kind),
+    }
+}
+
+/// Sends `request` on `conn`, connecting first when it is `None`, and returns the 2xx status.
+/// Leaves `conn` as `None` after any error and after a response that closes the connection.
+async fn send_request(
+    shared: &Shared,
+    conn: &mut Option<Conn>,
+    request: &[u8],
+    recorder: &RefCell<Recorder>,
+) -> Result<u16, ErrorKind> {
+    let exchange = async {
+        let stream = match conn {
+            Some(stream) => stream,
+            None => conn.insert(Conn::open(shared, recorder).await?),
+        };
+        stream.exchange(request).await
+    };
+    let result = match tokio::time::timeout(shared.config.request_timeout, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(ErrorKind::Timeout),
+    };
+    match result {
+        Ok(head) => {
+            if head.closes {
+                *conn = None;
+            }
+            if (200..300).contains(&head.status) {
+                Ok(head.status)
+            } else {
+                Err(ErrorKind::Status(head.status))
+            }
+        }
+        Err(kind) => {
+            *conn = None;
+            Err(kind)
+        }
+    }
+}
+
+/// One client connection and its read buffer.
+struct Conn {
+    stream: Stream,
+    buf: Vec<u8>,
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Conn {
+    async fn open(shared: &Shared, recorder: &RefCell<Recorder>) -> Result<Self, ErrorKind> {
+        let tcp = TcpStream::connect(shared.config.target)
+            .await
+            .map_err(|_| ErrorKind::Connect)?;
+        // NOTE: without TCP_NODELAY, a request written right after a response could wait
+        // for Nagle's algorithm and add 40 ms of delayed-ACK latency.
+        let _ = tcp.set_nodelay(true);
+        let stream = match &shared.tls {
+            None => Stream::Plain(tcp),
+            Some((connector, server_name)) => {
+                let tls = connector
+                    .connect(server_name.clone(), tcp)
+                    .await
+                    .map_err(|_| ErrorKind::TlsHandshake)?;
+                let mut recorder = recorder.borrow_mut();
+                if recorder.tls_session.is_none() {
+                    recorder.tls_session = Some(crate::tls::describe_session(tls.get_ref().1));
+                }
+                Stream::Tls(Box::new(tls))
+            }
+        };
+        Ok(Self {
+            stream,
+            buf: Vec::with_capacity(16 * 1024),
+        })
+    }
+
+    /// Writes `request` and reads one whole response.
+    async fn exchange(&mut self, request: &[u8]) -> Result<ResponseHead, ErrorKind> {
+        let written = match &mut self.stream {
+            Stream::Plain(s) => s.write_all(request).await,
+            Stream::Tls(s) => s.write_all(request).await,
+        };
+        written.map_err(|_| ErrorKind::Write)?;
+        self.buf.clear();
+        loop {
+            match frame_response(&self.buf).map_err(|_| ErrorKind::InvalidResponse)? {
+                Framing::Complete(head, len) => {
+                    // Without pipelining nothing may follow the response, so drop anything that does.
+                    self.buf.drain(..len);
+                    return Ok(head);
+                }
+                Framing::Incomplete => {
+                    if self.read_more().await? == 0 {
+                        return Err(ErrorKind::ClosedEarly);
+                    }
+                }
+                Framing::UntilClose(head) => {
+                    while self.read_more().await? > 0 {}
+                    return Ok(head);
+                }
+            }
+        }
+    }
+
+    async fn read_more(&mut self) -> Result<usize, ErrorKind> {
+        if self.buf.len() >= MAX_RESPONSE_BYTES {
+            return Err(ErrorKind::InvalidResponse);
+        }
+        let read = match &mut self.stream {
+            Stream::Plain(s) => s.read_buf(&mut self.buf).await,
+            Stream::Tls(s) => s.read_buf(&mut self.buf).await,
+        };
+        read.map_err(|_| ErrorKind::Read)
+    }
+}
+
+fn report(config: &LoadConfig, window: Window, total: &Recorder) -> LoadReport {
+    let measured_s = (window.end - window.measure_from).as_secs_f64();
+    let responses = total.latency_us.len();
+    let open_loop = matches!(config.mode, Mode::Open { .. });
+    LoadReport {
+        protocol: config.protocol,
+        mode: config.mode,
+        connections: config.connections,
+        measured_s,
+        responses,
+        requests_per_s: if measured_s > 0.0 {
+            responses as f64 / measured_s
+        } else {
+            0.0
+        },
+        errors: total
+            .errors
+            .iter()
+            .map(|(kind, count)| (kind.to_string(), *count))
+            .collect(),
+        co_corrected: open_loop,
+        latency_us: LatencySummary::from_histogram(&total.latency_us),
+        latency_curve_us: percentile_curve(&total.latency_us),
+        uncorrected_latency_us: open_loop
+            .then(|| LatencySummary::from_histogram(&total.uncorrected_latency_us)),
+        send_lag_us: open_loop.then(|| LatencySummary::from_histogram(&total.send_lag_us)),
+        tls_session: total.tls_session.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_bytes_have_host_header() {
+        let request = String::from_utf8(request_bytes("bench.local", "/x", false)).unwrap();
+        assert_eq!(
+            request,
+            "GET /x HTTP/1.1\r\nHost: bench.local\r\nUser-Agent: edge-bench\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn closing_request_asks_for_close() {
+        let request = String::from_utf8(request_bytes("a", "/", true)).unwrap();
+        assert!(request.ends_with("Connection: close\r\n\r\n"), "{request}");
+    }
+
+    #[test]
+    fn http2_is_rejected_with_reason() {
+        let config = LoadConfig {
+            target: "127.0.0.1:9".parse().unwrap(),
+            host: "bench.local".to_owned(),
+            path: "/".to_owned(),
+            protocol: Protocol::Http2,
+            mode: Mode::Closed,
+            connections: 1,
+            threads: 1,
+            warmup: Duration::ZERO,
+            duration: Duration::ZERO,
+            request_timeout: Duration::from_secs(1),
+        };
+        let err = start(&config, Arc::new(AtomicBool::new(false)))
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            err,
+            "HTTPS HTTP/2 is not supported by the load generator yet; use h1 or h1-tls"
+        );
+    }
+}

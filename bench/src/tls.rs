@@ -1,0 +1,144 @@
+//! TLS for the bench: the self-signed certificate every proxy serves, and the load generator's
+//! rustls client configuration.
+
+use std::{path::Path, sync::Arc};
+
+use anyhow::Context as _;
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::{ring::kx_group, CryptoProvider},
+    pki_types::{CertificateDer, ServerName, UnixTime},
+    DigitallySignedStruct, SignatureScheme,
+};
+
+/// Paths of the bench certificate files.
+#[derive(Debug, Clone)]
+pub struct CertFiles {
+    pub cert_pem: std::path::PathBuf,
+    pub key_pem: std::path::PathBuf,
+    /// Certificate followed by its key, the form HAProxy's `crt` expects.
+    pub combined_pem: std::path::PathBuf,
+}
+
+/// Writes a new self-signed ECDSA P-256 certificate for `names` into `dir`.
+///
+/// # Errors
+/// Fails when key generation or a file write fails.
+pub fn write_self_signed(dir: &Path, names: &[&str]) -> anyhow::Result<CertFiles> {
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let certified =
+        rcgen::generate_simple_self_signed(names).context("generating the bench certificate")?;
+    let cert = certified.cert.pem();
+    let key = certified.key_pair.serialize_pem();
+    let files = CertFiles {
+        cert_pem: dir.join("cert.pem"),
+        key_pem: dir.join("key.pem"),
+        combined_pem: dir.join("combined.pem"),
+    };
+    std::fs::write(&files.cert_pem, &cert)
+        .with_context(|| format!("writing {}", files.cert_pem.display()))?;
+    std::fs::write(&files.key_pem, &key)
+        .with_context(|| format!("writing {}", files.key_pem.display()))?;
+    std::fs::write(&files.combined_pem, format!("{cert}{key}"))
+        .with_context(|| format!("writing {}", files.combined_pem.display()))?;
+    Ok(files)
+}
+
+/// Builds the load generator's client configuration. It offers TLS 1.2 and 1.3 with the ring
+/// provider, and key exchange groups in the order browsers, curl and OpenSSL use (X25519,
+/// P-256, P-384). ALPN is `http/1.1`. Session resumption is off, so every new connection is a
+/// full handshake. The certificate chain is not validated, but handshake signatures are.
+///
+/// # Errors
+/// Fails when the provider rejects the protocol versions.
+pub fn client_config() -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    // NOTE: rustls 0.23.48 lists P-384 first in ring's default groups and sends its key
+    // share first. Left that way, every handshake would use P-384, which is much slower in
+    // ring than X25519, and which no common client prefers.
+    #[allow(deprecated)]
+    let provider = Arc::new(CryptoProvider {
+        kx_groups: vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1],
+        ..rustls::crypto::ring::default_provider()
+    });
+    let verifier = Arc::new(AnyCertificate {
+        provider: provider.clone(),
+    });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("selecting TLS versions")?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// Accepts any server certificate, so the bench's self-signed one needs no trust setup, but
+/// verifies the handshake signatures made with its key.
+#[derive(Debug)]
+struct AnyCertificate {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Describes a finished handshake, for example `TLSv1_3 TLS13_AES_256_GCM_SHA384 X25519`.
+pub fn describe_session(connection: &rustls::ClientConnection) -> String {
+    let version = connection
+        .protocol_version()
+        .map_or_else(|| "unknown version".to_owned(), |v| format!("{v:?}"));
+    let suite = connection.negotiated_cipher_suite().map_or_else(
+        || "unknown suite".to_owned(),
+        |s| format!("{:?}", s.suite()),
+    );
+    let group = connection
+        .negotiated_key_exchange_group()
+        .map_or_else(|| "unknown group".to_owned(), |g| format!("{:?}", g.name()));
+    format!("{version} {suite} {group}")
+}
