@@ -210,6 +210,9 @@ impl Reconciler {
         snapshot.version = self.version;
         match self.edge.apply(&snapshot).await {
             Ok(EdgeMessage::Applied { version }) => {
+                if !self.edge_state.connected && self.edge_state.last_error.is_some() {
+                    info!("the edge is reachable again");
+                }
                 info!(
                     version,
                     routers = snapshot.routers.len(),

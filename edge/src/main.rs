@@ -263,6 +263,11 @@ fn run(args: RunArgs, fixed_snapshot: Option<Snapshot>) -> anyhow::Result<()> {
     for handle in handles {
         let _ = handle.join();
     }
+    if let Some(path) = &socket_path {
+        // A later edge would replace a stale socket anyway; removing it keeps the state
+        // directory honest about what runs.
+        let _ = std::fs::remove_file(path);
+    }
     info!("edge stopped");
     Ok(())
 }

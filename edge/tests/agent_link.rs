@@ -82,6 +82,7 @@ fn pushed_snapshot_applies_and_persists() {
     // A restarted edge serves the persisted snapshot before any agent connects.
     edge.terminate();
     assert_eq!(edge.wait_exit(std::time::Duration::from_secs(10)), Some(0));
+    assert!(!socket.exists(), "the stopped edge left its socket behind");
     let restarted = start(&dir);
     assert_eq!(
         request(restarted.http, "GET /z HTTP/1.1\r\nHost: t\r\n\r\n").text(),

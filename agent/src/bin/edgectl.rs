@@ -155,7 +155,14 @@ fn render_status(data: &Value) -> String {
     let mut out = String::new();
     let mut line = |label: &str, value: String| out.push_str(&format!("{label:<20} {value}\n"));
     line("agent version", compact(&data["agent_version"]));
+    let pushed = !data["snapshot_version"].is_null();
     line("snapshot version", compact(&data["snapshot_version"]));
+    if !pushed {
+        line(
+            "note",
+            "the agent has sent no snapshot yet (it waits until Docker has been read once); the edge serves its own routes meanwhile".to_owned(),
+        );
+    }
     line("acked by the edge", compact(&data["acked_version"]));
     let edge = &data["edge"];
     if edge["reachable"] == Value::Bool(true) {
