@@ -25,7 +25,7 @@ use monoio::{
     io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split, Splitable},
     net::TcpStream,
 };
-use tracing::{debug, warn};
+use tracing::{debug, warn, Instrument};
 
 use super::{
     body::{pump_body, OutFraming, PumpError, PumpLimits},
@@ -301,7 +301,16 @@ where
                 request_id,
                 client_ip,
             };
-            let exchange = proxy(ctx, client, bufs, info, &compiled, router, &request).await;
+            let span = tracing::debug_span!(
+                "request",
+                req_id = request_id.as_str(),
+                method,
+                host = %bufs.host,
+                route = %router.name,
+            );
+            let exchange = proxy(ctx, client, bufs, info, &compiled, router, &request)
+                .instrument(span)
+                .await;
             router.stats.record(ctx.id, exchange.status);
             exchange
         } else {
