@@ -267,6 +267,25 @@ impl Stack {
         get(self.http, host, path)
     }
 
+    /// Requests `host` until it answers 200 (for at most [`JOIN_LIMIT`]) and returns each
+    /// distinct status in the order seen. `on_first_ok` runs right after the first 200.
+    fn statuses_until_ok(&self, host: &str, mut on_first_ok: impl FnMut()) -> Vec<u16> {
+        let deadline = Instant::now() + JOIN_LIMIT;
+        let mut statuses = Vec::new();
+        while Instant::now() < deadline {
+            let (status, _) = self.get(host, "/").unwrap();
+            if statuses.last() != Some(&status) {
+                statuses.push(status);
+            }
+            if status == 200 {
+                on_first_ok();
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        statuses
+    }
+
     /// Waits until `host` answers 200 with `body`.
     fn wait_for_body(&self, host: &str, body: &str, limit: Duration) {
         let deadline = Instant::now() + limit;
@@ -505,18 +524,7 @@ fn unready_container_gets_no_traffic() {
         &site_labels("Host(`slow.test`)"),
         &["STARTUP_DELAY_MS=4000"],
     );
-    let deadline = Instant::now() + JOIN_LIMIT;
-    let mut statuses = Vec::new();
-    while Instant::now() < deadline {
-        let (status, _) = stack.get("slow.test", "/").unwrap();
-        if statuses.last() != Some(&status) {
-            statuses.push(status);
-        }
-        if status == 200 {
-            break;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
+    let statuses = stack.statuses_until_ok("slow.test", || {});
     // Until its /health passes, the route exists but has no backend: 503, never the page.
     assert!(statuses.contains(&503), "statuses seen: {statuses:?}");
     assert_eq!(statuses.last(), Some(&200), "statuses seen: {statuses:?}");
@@ -540,25 +548,15 @@ fn docker_healthcheck_gates_traffic() {
         &["DOCKER_READY_AFTER_MS=3000"],
         &["--healthcheck-image"],
     );
-    let deadline = Instant::now() + JOIN_LIMIT;
-    let mut statuses = Vec::new();
-    while Instant::now() < deadline {
-        let (status, _) = stack.get("checked.test", "/").unwrap();
-        if statuses.last() != Some(&status) {
-            statuses.push(status);
-        }
-        if status == 200 {
-            // The first page may only come after Docker itself reports the container
-            // healthy; the agent's own probe passed seconds earlier.
-            let health = docker(&["inspect", "-f", "{{.State.Health.Status}}", "checked-web-1"]);
-            assert_eq!(
-                health, "healthy",
-                "served while Docker's health check was {health}"
-            );
-            break;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
+    let statuses = stack.statuses_until_ok("checked.test", || {
+        // The first page may only come after Docker itself reports the container healthy;
+        // the agent's own probe passed seconds earlier.
+        let health = docker(&["inspect", "-f", "{{.State.Health.Status}}", "checked-web-1"]);
+        assert_eq!(
+            health, "healthy",
+            "served while Docker's health check was {health}"
+        );
+    });
     assert!(statuses.contains(&503), "statuses seen: {statuses:?}");
     assert_eq!(statuses.last(), Some(&200), "statuses seen: {statuses:?}");
     let backends = stack.edgectl(&["backends"]);
