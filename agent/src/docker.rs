@@ -23,10 +23,10 @@ use tracing::{debug, info, warn};
 
 use crate::model::{ContainerInfo, DockerHealth, Lifecycle};
 
-/// Longest wait between reconnection attempts.
+/// Maximum wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-/// What the agent currently knows from Docker.
+/// The agent's current view of Docker.
 #[derive(Debug, Default, Clone)]
 pub struct DockerView {
     /// Running containers by id.
@@ -67,7 +67,7 @@ pub async fn watch_docker(view: Arc<Mutex<DockerView>>, changed: watch::Sender<u
     }
 }
 
-/// One connection: subscribe to events, list and inspect running containers, then apply
+/// Follows one connection: subscribes to events, lists and inspects running containers, then applies
 /// events until the stream ends. Returns an error when the engine cannot be reached.
 async fn follow(view: &Arc<Mutex<DockerView>>, changed: &watch::Sender<u64>) -> Result<(), String> {
     // connect_with_defaults honours DOCKER_HOST and falls back to the local socket.
@@ -234,7 +234,7 @@ async fn inspect(docker: &Docker, id: &str) -> Option<ContainerInfo> {
     })
 }
 
-/// Returns whether a `kill` event's signal asks the process to reload or reopen logs
+/// Returns whether a `kill` event's signal requests a reload or reopen logs
 /// (SIGHUP, SIGUSR1, SIGUSR2) rather than to stop. Any other signal, including an image's own
 /// STOPSIGNAL such as SIGQUIT or SIGWINCH, starts draining.
 fn is_reload_signal(signal: Option<&str>) -> bool {

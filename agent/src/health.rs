@@ -37,7 +37,7 @@ pub struct Thresholds {
     pub fall: u32,
 }
 
-/// What is known about one backend's health.
+/// Health record of one backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeState {
     pub healthy: bool,
@@ -126,10 +126,10 @@ impl Prober {
 
     /// Starts probes for new backends and stops those of backends that are gone.
     pub fn sync(&mut self, wanted: &[(ProbeKey, HealthSpec)]) {
-        let wanted_keys: HashMap<&ProbeKey, &HealthSpec> =
+        let target_keys: HashMap<&ProbeKey, &HealthSpec> =
             wanted.iter().map(|(k, s)| (k, s)).collect();
         self.probes.retain(|key, probe| {
-            let keep = wanted_keys
+            let keep = target_keys
                 .get(key)
                 .is_some_and(|spec| **spec == probe.spec);
             if !keep {
@@ -139,7 +139,7 @@ impl Prober {
         });
         {
             let mut states = lock(&self.states);
-            states.retain(|key, _| wanted_keys.contains_key(key));
+            states.retain(|key, _| target_keys.contains_key(key));
         }
         for (key, spec) in wanted {
             if self.probes.contains_key(key) {

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 pub const COMPOSE_PROJECT_LABEL: &str = "com.docker.compose.project";
 pub const COMPOSE_SERVICE_LABEL: &str = "com.docker.compose.service";
 
-/// One container as the agent sees it.
+/// One container, as read from the Docker engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerInfo {
     /// Full container id.
@@ -24,12 +24,12 @@ pub struct ContainerInfo {
 }
 
 impl ContainerInfo {
-    /// The compose project, if the container belongs to one.
+    /// Returns the compose project, if the container belongs to one.
     pub fn compose_project(&self) -> Option<&str> {
         self.labels.get(COMPOSE_PROJECT_LABEL).map(String::as_str)
     }
 
-    /// The compose service, if the container belongs to one.
+    /// Returns the compose service, if the container belongs to one.
     pub fn compose_service(&self) -> Option<&str> {
         self.labels.get(COMPOSE_SERVICE_LABEL).map(String::as_str)
     }
@@ -45,7 +45,7 @@ pub enum DockerHealth {
     Unhealthy,
 }
 
-/// Where the container is in its life, from the agent's point of view.
+/// Lifecycle stage of a container, from the agent's point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lifecycle {
     Running,

@@ -30,7 +30,7 @@ use crate::{
 
 /// Time to let a burst of changes settle before rebuilding.
 const DEBOUNCE: Duration = Duration::from_millis(100);
-/// Longest wait for the first probe of every backend before the first push after a start.
+/// Maximum wait for the first probe of every backend before the first push after a start.
 const FIRST_PUSH_WAIT: Duration = Duration::from_secs(10);
 /// Interval of retries while the edge is unreachable or behind.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -44,11 +44,11 @@ pub struct LoopSettings {
     pub seed_file: Option<PathBuf>,
     /// Whether Docker is used at all; without it only the routes file is served.
     pub docker_enabled: bool,
-    /// Where operator drains are kept across restarts.
+    /// File that keeps operator drains across restarts.
     pub drains_file: Option<PathBuf>,
 }
 
-/// What the edge last told the agent.
+/// The edge's last reply, as the agent recorded it.
 #[derive(Debug, Default)]
 struct EdgeState {
     acked_version: Option<u64>,
@@ -411,7 +411,7 @@ impl Reconciler {
         }))
     }
 
-    /// Lists every backend; `in_flight` holds the edge's counts by address when it answered.
+    /// Lists every backend. `in_flight` contains the edge's counts by address when it replied.
     fn backends_json(
         &self,
         in_flight: Option<&std::collections::BTreeMap<String, u64>>,
@@ -582,7 +582,7 @@ fn load_drains(path: Option<&std::path::Path>) -> BTreeSet<String> {
 }
 
 /// Reads backend health from the edge's persisted snapshot: servers that were up stay up
-/// until probes say otherwise.
+/// until probes fail.
 fn read_seed(path: &std::path::Path) -> HashMap<SocketAddr, bool> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return HashMap::new();

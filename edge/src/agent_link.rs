@@ -28,7 +28,7 @@ pub const SNAPSHOT_FILE: &str = "edge-snapshot.json";
 /// File name of the snapshot socket inside the state directory.
 pub const SOCKET_FILE: &str = "edge.sock";
 
-/// Why the snapshot socket or the persisted snapshot could not be used.
+/// Failure to use the snapshot socket or the persisted snapshot.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     #[error("cannot create the state directory {path}: {source}")]
@@ -255,7 +255,7 @@ fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
         gid: 0,
     };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: the fd is a connected Unix socket owned by `stream`; `cred` and `len` point to
+    // SAFETY: the fd is a connected Unix socket owned by `stream`. `cred` and `len` point to
     // live stack values of the size passed, as SO_PEERCRED requires.
     let rc = unsafe {
         libc::getsockopt(

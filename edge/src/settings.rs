@@ -35,7 +35,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// Which io driver each worker asks monoio for.
+/// io driver that each worker requests from monoio.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum IoDriver {
     /// io_uring when the kernel allows it, else epoll.
@@ -108,7 +108,7 @@ pub struct RunArgs {
     /// Time allowed for a client to send a complete request head, from its first byte.
     #[arg(long, global = true, env = "EDGE_HEADER_READ_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
-    /// Longest pause while a request or response body is in transit.
+    /// Maximum pause while a request or response body is in transit.
     #[arg(long, global = true, env = "EDGE_BODY_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub body_idle_timeout: Duration,
     /// Time an idle client connection stays open between requests.
@@ -225,7 +225,7 @@ pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
 }
 
 impl RunArgs {
-    /// The default HTTP and HTTPS addresses, to tell whether the user chose others.
+    /// Returns the default HTTP and HTTPS addresses, to tell whether the user chose others.
     pub fn default_addrs() -> (SocketAddr, SocketAddr) {
         (
             SocketAddr::from(([0, 0, 0, 0], 80)),

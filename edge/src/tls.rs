@@ -21,7 +21,7 @@ use crate::state::Compiled;
 /// ALPN protocols offered to clients, most preferred first.
 pub const ALPN_PROTOCOLS: &[&[u8]] = &[b"http/1.1"];
 
-/// Why a certificate could not be loaded.
+/// Reason a certificate could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
     #[error("certificate {origin}: no CERTIFICATE block in the chain PEM")]
@@ -172,7 +172,7 @@ pub fn server_config(
     #[allow(deprecated)]
     let mut provider = rustls::crypto::ring::default_provider();
     // ring's provider lists P-384 first, and a server follows its own order when a client
-    // offers several key shares; X25519 is several times cheaper per handshake.
+    // offers several key shares. X25519 is several times cheaper per handshake.
     provider.kx_groups = vec![
         rustls::crypto::ring::kx_group::X25519,
         rustls::crypto::ring::kx_group::SECP256R1,

@@ -256,8 +256,8 @@ impl Drop for InFlight {
 fn is_open(stream: &TcpStream) -> bool {
     let fd = stream.as_raw_fd();
     let mut byte = 0u8;
-    // SAFETY: `fd` is an open socket owned by `stream`, which outlives this call; the buffer
-    // is one valid byte on the stack; MSG_DONTWAIT keeps the call from blocking the worker.
+    // SAFETY: `fd` is an open socket owned by `stream`, which outlives this call. The buffer
+    // is one valid byte on the stack, and MSG_DONTWAIT keeps the call from blocking the worker.
     let n = unsafe {
         libc::recv(
             fd,

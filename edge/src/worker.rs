@@ -9,7 +9,7 @@
 //! SIGTERM ── stop channel ──> stop accepting, let connections finish, exit by the deadline
 //! ```
 //!
-//! A [`WorkerCtx`] is `!Send` and lives on its worker thread; the only values it shares with
+//! A [`WorkerCtx`] is `!Send` and lives on its worker thread. The only values it shares with
 //! other threads are the read-mostly [`Shared`] state and the counters this worker writes.
 
 use std::{

@@ -24,7 +24,7 @@ const IMAGE: &str = "edge-test-backend:latest";
 /// The same backend with a Docker HEALTHCHECK (`test-backend --check` every 500 ms).
 const IMAGE_WITH_HEALTHCHECK: &str = "edge-test-backend:healthcheck";
 
-/// Serialises the tests: every agent sees every container on the engine, and two cores do
+/// Serialises the tests, because every agent reads every container on the engine, and two cores do
 /// not run several stacks well.
 static SERIAL: Mutex<()> = Mutex::new(());
 

@@ -57,7 +57,7 @@ impl TestEngine {
     /// Starts the engine and waits until it responds.
     ///
     /// # Errors
-    /// Fails when dockerd is missing, does not start, or does not answer within 60s.
+    /// Fails when dockerd is missing, does not start, or does not respond within 60s.
     pub fn start(log: &Path) -> anyhow::Result<Self> {
         let log_file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;

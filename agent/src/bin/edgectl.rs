@@ -24,7 +24,7 @@ struct Cli {
     /// The agent's control socket [default: $EDGE_STATE_DIR/agent.sock, else /var/lib/edge/agent.sock].
     #[arg(long, env = "EDGE_AGENT_SOCKET")]
     socket: Option<PathBuf>,
-    /// Print the raw JSON answer instead of a table.
+    /// Print the raw JSON response instead of a table.
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]

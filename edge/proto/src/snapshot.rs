@@ -62,9 +62,9 @@ pub struct Router {
 pub struct Service {
     /// Unique name referenced by routers.
     pub name: String,
-    /// Backend servers; an empty list answers 503.
+    /// Backend servers. A service without servers responds with 503.
     pub servers: Vec<Server>,
-    /// How a worker picks among the healthy servers.
+    /// Strategy a worker uses to pick among the healthy servers.
     #[serde(default)]
     pub balance: Balance,
     /// Whether the client's `Host` header is passed to the backend (Traefik's default: true).
@@ -117,7 +117,7 @@ pub struct CertificatePem {
     pub chain_pem: String,
     /// PKCS#8, PKCS#1 or SEC1 private key.
     pub key_pem: String,
-    /// Where the certificate came from (a file path or a resolver name), for errors and logs.
+    /// Source of the certificate (a file path or a resolver name), for errors and logs.
     #[serde(default)]
     pub origin: String,
 }

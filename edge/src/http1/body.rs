@@ -17,7 +17,7 @@ use crate::io::{with_timeout, write_all_vec, ReadBuf};
 /// Bytes of free buffer space requested for each body read.
 const BODY_READ_BYTES: usize = 32 * 1024;
 
-/// How the body is framed towards the destination.
+/// Framing of the body towards the destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutFraming {
     /// The destination was sent a Content-Length equal to the source's length.
@@ -28,7 +28,7 @@ pub enum OutFraming {
     Raw,
 }
 
-/// Why a body transfer stopped early.
+/// Reason a body transfer stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum PumpError {
     #[error("reading the body failed: {0}")]
@@ -46,7 +46,7 @@ pub enum PumpError {
 /// Limits for one body transfer.
 #[derive(Debug, Clone, Copy)]
 pub struct PumpLimits {
-    /// Longest wait for one read or write.
+    /// Maximum wait for one read or write.
     pub idle: Duration,
     /// Maximum decoded body size.
     pub max_bytes: Option<u64>,
@@ -57,7 +57,7 @@ pub struct PumpLimits {
 /// the body stay in `inbuf`.
 ///
 /// # Errors
-/// [`PumpError`] tells which side failed; the caller closes both connections.
+/// [`PumpError`] names the side that failed, and the caller closes both connections.
 pub async fn pump_body<R, W>(
     src: &mut R,
     dst: &mut W,

@@ -49,7 +49,7 @@ const HEAD_READ_BYTES: usize = 8 * 1024;
 /// Backends tried for one request, counting retries on a fresh connection.
 const MAX_ATTEMPTS: usize = 3;
 
-/// What the connection does after an exchange.
+/// Next step of the connection after an exchange.
 enum Next {
     KeepAlive,
     Close,
@@ -278,7 +278,7 @@ where
         };
         let router = compiled.route(info.entrypoint, &view);
         let redirect = info.entrypoint == EntryPoint::Web && !router.is_some_and(|r| r.plain_http);
-        // A local answer leaves any request body unread: close rather than drain it.
+        // A local response leaves any request body unread, so close rather than drain it.
         let close_after_local = head.framing() != BodyFraming::Empty || !head.keep_alive;
         if redirect {
             let location = https_location(&bufs.host, raw_host, target, settings.https_port);
@@ -357,7 +357,7 @@ struct Request<'a> {
     client_ip: IpAddr,
 }
 
-/// Why one attempt to exchange with a backend failed.
+/// Failure of one attempt to exchange with a backend.
 enum AttemptError {
     /// Nothing was consumed from the client; another backend or connection may be tried.
     Retryable(UpstreamErrorKind),
@@ -550,7 +550,7 @@ async fn connect(
     }
 }
 
-/// What happens to the backend connection after a successful exchange.
+/// Fate of the backend connection after a successful exchange.
 enum UpstreamAfter {
     /// Reusable; the backend's `Keep-Alive: timeout`, if any.
     Pool(Option<Duration>),

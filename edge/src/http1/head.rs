@@ -17,7 +17,7 @@ pub enum Version {
     Http11,
 }
 
-/// How the body of a message is delimited.
+/// Delimitation of a message body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFraming {
     /// No body at all.
@@ -30,7 +30,7 @@ pub enum BodyFraming {
     UntilClose,
 }
 
-/// Why a message head was rejected.
+/// Reason a message head was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HeadError {
     /// The head exceeds the configured byte limit or header count.
@@ -264,7 +264,7 @@ pub fn parse_request(
 /// `head_request` is set.
 ///
 /// # Errors
-/// [`HeadError`] as for requests; the caller answers 502.
+/// [`HeadError`] as for requests; the caller responds with 502.
 pub fn parse_response(
     buf: &[u8],
     max_bytes: usize,
@@ -442,7 +442,7 @@ pub fn trim_ows(mut v: &[u8]) -> &[u8] {
     v
 }
 
-/// Rejects bare LF, lone CR and obs-fold. `complete` says whether `head` ends with the blank
+/// Rejects bare LF, lone CR and obs-fold. `complete` tells whether `head` ends with the blank
 /// line; a partial head may end in the middle of a CRLF.
 fn check_line_endings(head: &[u8], complete: bool) -> Result<(), HeadError> {
     let len = head.len();

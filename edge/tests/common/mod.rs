@@ -28,7 +28,7 @@ pub struct Edge {
     pub dir: PathBuf,
 }
 
-/// A fresh directory under the system temp dir, removed by the test when it passes.
+/// Creates a fresh directory under the system temp dir; the test removes it when it passes.
 pub fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "edge-test-{name}-{}-{}",
@@ -635,7 +635,7 @@ fn serve_backend(stream: TcpStream, options: &BackendOptions, requests: &Mutex<V
     }
 }
 
-/// A YAML routes file with one router per `(name, rule, backend url)`, served on both
+/// Returns a YAML routes file with one router per `(name, rule, backend url)`, served on both
 /// listeners (plain HTTP is not redirected).
 pub fn routes_yaml(routes: &[(&str, &str, &str)]) -> String {
     let mut out = String::from("http:\n  routers:\n");
