@@ -15,6 +15,7 @@ mod state;
 mod tls;
 mod upstream;
 mod worker;
+mod xdp;
 
 use std::{
     collections::HashMap,
@@ -123,6 +124,13 @@ fn run(args: RunArgs, fixed_snapshot: Option<Snapshot>) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on the admin address {}", args.admin_addr))?;
     let admin_addr = admin.local_addr()?;
     let settings = Settings::from_args(&args, https_addr.port());
+    let kernel = xdp::Kernel::start(
+        &args.kernel_options(),
+        &xdp::ListenerGroups {
+            http: &http,
+            https: &https,
+        },
+    );
 
     let socket_path = args.snapshot_socket.clone().or_else(|| {
         args.state_dir
@@ -200,6 +208,7 @@ fn run(args: RunArgs, fixed_snapshot: Option<Snapshot>) -> anyhow::Result<()> {
         fallback_cert,
         ticketer: rustls::crypto::ring::Ticketer::new().context("creating the TLS ticket key")?,
         settings,
+        kernel,
     });
 
     let mut stops = Vec::new();

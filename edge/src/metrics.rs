@@ -218,6 +218,7 @@ pub fn render(shared: &Shared) -> String {
     let version = shared.current.load().version;
     let help = "Version of the routes snapshot being served.";
     write_metric(&mut out, "edge_config_version", "gauge", help, version);
+    shared.kernel.render_metrics(&mut out);
     out
 }
 
@@ -228,7 +229,7 @@ fn write_metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64
     let _ = writeln!(out, "{name} {value}");
 }
 
-fn escape_label(value: &str) -> String {
+pub(crate) fn escape_label(value: &str) -> String {
     value
         .replace('\\', "\\\\")
         .replace('"', "\\\"")

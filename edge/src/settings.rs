@@ -6,6 +6,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
+use crate::xdp::{KernelOptions, SteeringArg, XdpModeArg};
+
 /// Thread-per-core HTTPS reverse proxy with Traefik-compatible routing.
 #[derive(Debug, Parser)]
 #[command(name = "edge", version, about)]
@@ -150,6 +152,24 @@ pub struct RunArgs {
         default_value_t = 0
     )]
     pub max_request_body_bytes: u64,
+    /// Network interface to attach the XDP abuse filter to (for example eth0); none: no filter.
+    #[arg(long, global = true, env = "EDGE_XDP_IFACE")]
+    pub xdp_iface: Option<String>,
+    /// XDP attach mode: native (driver) with a fallback to generic SKB mode, or one of them.
+    #[arg(long, global = true, env = "EDGE_XDP_MODE", value_enum, default_value_t = XdpModeArg::Auto)]
+    pub xdp_mode: XdpModeArg,
+    /// How new connections are spread over the workers' SO_REUSEPORT sockets: `cpu` picks the
+    /// worker pinned to the CPU that received the connection, `hash` spreads by the flow hash,
+    /// `off` leaves it to the kernel without a program.
+    #[arg(long, global = true, env = "EDGE_STEERING", value_enum, default_value_t = SteeringArg::Cpu)]
+    pub steering: SteeringArg,
+    /// eBPF object to load instead of the one embedded at build time.
+    #[arg(long, global = true, env = "EDGE_BPF_OBJECT")]
+    pub bpf_object: Option<PathBuf>,
+    /// Directory on bpffs where the block lists, limits and counters are pinned; bpffs is
+    /// mounted on /sys/fs/bpf when missing.
+    #[arg(long, global = true, env = "EDGE_BPF_PIN_DIR", default_value = edge_ebpf::PIN_DIR)]
+    pub bpf_pin_dir: PathBuf,
     /// Interval between checks of the routes file for changes.
     #[arg(long, global = true, env = "EDGE_RELOAD_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub reload_interval: Duration,
@@ -225,6 +245,18 @@ pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
 }
 
 impl RunArgs {
+    /// Returns what the kernel programs should do.
+    pub fn kernel_options(&self) -> KernelOptions {
+        KernelOptions {
+            object: self.bpf_object.clone(),
+            pin_dir: self.bpf_pin_dir.clone(),
+            xdp_iface: self.xdp_iface.clone(),
+            xdp_mode: self.xdp_mode,
+            steering: self.steering,
+            pin_workers: self.pin_workers,
+        }
+    }
+
     /// Returns the default HTTP and HTTPS addresses, to tell whether the user chose others.
     pub fn default_addrs() -> (SocketAddr, SocketAddr) {
         (

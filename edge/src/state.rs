@@ -159,6 +159,8 @@ pub struct Shared {
     pub in_flight: Box<[Mutex<InFlightCounts>]>,
     pub fallback_cert: Arc<CertifiedKey>,
     pub ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    /// The XDP filter and SO_REUSEPORT steering; dropped (and detached) when the edge exits.
+    pub kernel: crate::xdp::Kernel,
 }
 
 /// One reason a snapshot cannot be compiled, with the key path of the offending value.

@@ -256,7 +256,7 @@ pub fn spawn(
 }
 
 /// Returns the CPUs this process may run on, in ascending order.
-fn allowed_cpus() -> Vec<usize> {
+pub(crate) fn allowed_cpus() -> Vec<usize> {
     // SAFETY: `set` is a zeroed cpu_set_t on the stack and its size is passed with it;
     // sched_getaffinity writes only inside it.
     unsafe {

@@ -20,6 +20,15 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("openssl", "openssl"),
     ("dockerd", "docker.io"),
+    ("ip", "iproute2"),
+    ("nsenter", "util-linux"),
+];
+
+/// Debian packages that build the eBPF programs: the compiler and libbpf's headers
+/// (`bpf/bpf_helpers.h`), checked by file because libbpf-dev has no command.
+const BPF_PACKAGES: &[(&str, &str)] = &[
+    ("/usr/bin/clang-19", "clang-19"),
+    ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
 ];
 
 fn main() -> ExitCode {
@@ -54,33 +63,59 @@ fn workspace_root() -> PathBuf {
 fn test() -> anyhow::Result<()> {
     let root = workspace_root();
     install_packages(TEST_PACKAGES)?;
+    install_bpf_packages()?;
     tidy::check(&root)?;
-    // The end-to-end tests start the edge and agent binaries themselves.
+    // The end-to-end tests start the edge and agent binaries themselves. EDGE_BPF_REQUIRED
+    // makes the edge's build script fail rather than leave the eBPF object out.
     run(Command::new("cargo")
         .current_dir(&root)
-        .args(["build", "--locked", "-p", "edge", "-p", "agent"]))?;
+        .args(["build", "--locked", "-p", "edge", "-p", "agent"])
+        .env("EDGE_BPF_REQUIRED", "1"))?;
     let log = root.join("target").join("edge-test-dockerd.log");
     let engine = docker::TestEngine::start(&log)?;
     docker::build_test_image(&root)?;
     let tested = run(Command::new("cargo")
         .current_dir(&root)
         .args(["test", "--workspace", "--locked"])
+        .env("EDGE_BPF_REQUIRED", "1")
+        .env("EDGE_E2E_BPF", "1")
         .env("EDGE_E2E_DOCKER", "1")
         .env("DOCKER_HOST", docker::docker_host())
         .env("EDGE_E2E_DOCKERD_ARGS", docker::dockerd_args().join(" "))
         .env("EDGE_E2E_DOCKERD_LOG", &log));
     drop(engine);
     tested?;
-    run(Command::new("cargo").current_dir(&root).args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--locked",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env("EDGE_BPF_REQUIRED", "1"))?;
     Ok(())
+}
+
+/// Installs clang and libbpf-dev when missing, so that the edge's build script compiles the
+/// eBPF programs. Needs root and apt-get.
+fn install_bpf_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = BPF_PACKAGES
+        .iter()
+        .filter(|(path, _)| !Path::new(path).exists())
+        .map(|(_, package)| *package)
+        .collect();
+    apt_install(&missing)
+}
+
+/// Returns whether the eBPF programs can be built here.
+fn bpf_packages_present() -> bool {
+    BPF_PACKAGES
+        .iter()
+        .all(|(path, _)| Path::new(path).exists())
 }
 
 /// Installs the Debian packages whose commands are missing. Needs root and apt-get.
@@ -90,6 +125,11 @@ fn install_packages(packages: &[(&str, &str)]) -> anyhow::Result<()> {
         .filter(|(command, _)| !command_exists(command))
         .map(|(_, package)| *package)
         .collect();
+    apt_install(&missing)
+}
+
+/// Installs `missing` Debian packages, if any.
+fn apt_install(missing: &[&str]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
@@ -100,7 +140,7 @@ fn install_packages(packages: &[(&str, &str)]) -> anyhow::Result<()> {
     run(Command::new("apt-get").arg("update").arg("-q"))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
+        .args(missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
     .context("installing test packages (run as root)")
 }

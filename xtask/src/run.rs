@@ -14,6 +14,12 @@ use anyhow::Context as _;
 /// # Errors
 /// Fails when the build fails or a process cannot be started.
 pub fn run(root: &Path) -> anyhow::Result<()> {
+    // The edge embeds the eBPF object only when clang and libbpf-dev are there at build time.
+    if !super::bpf_packages_present() {
+        if let Err(e) = super::install_bpf_packages() {
+            eprintln!("xtask: cannot install clang-19 and libbpf-dev ({e:#}); the edge runs without the XDP filter and steering");
+        }
+    }
     super::run(Command::new("cargo").current_dir(root).args([
         "build",
         "--release",
