@@ -32,6 +32,19 @@ pub enum CtlRequest {
     },
     /// Re-read the routes file and push a fresh snapshot.
     Reload,
+    /// Drop all traffic from `cidr` (an address or CIDR) in the XDP filter, for `ttl_ms`
+    /// milliseconds or until unblocked.
+    Block {
+        cidr: String,
+        #[serde(default)]
+        ttl_ms: Option<u64>,
+    },
+    /// Remove the block of exactly `cidr`.
+    Unblock {
+        cidr: String,
+    },
+    /// List the blocked networks.
+    Blocked,
 }
 
 /// The answer to one request.
@@ -155,5 +168,14 @@ mod tests {
         assert_eq!(line, r#"{"command":"drain","backend":"shop-web-1"}"#);
         let parsed: CtlRequest = serde_json::from_str(r#"{"command":"status"}"#).unwrap();
         assert_eq!(parsed, CtlRequest::Status);
+        let parsed: CtlRequest =
+            serde_json::from_str(r#"{"command":"block","cidr":"192.0.2.0/24"}"#).unwrap();
+        assert_eq!(
+            parsed,
+            CtlRequest::Block {
+                cidr: "192.0.2.0/24".into(),
+                ttl_ms: None
+            }
+        );
     }
 }

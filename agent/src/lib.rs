@@ -7,6 +7,7 @@ pub mod ctl;
 pub mod desired;
 pub mod docker;
 pub mod edge_link;
+pub mod filter;
 pub mod health;
 pub mod labels;
 pub mod model;

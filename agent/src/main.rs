@@ -14,9 +14,11 @@ use edge_agent::{
     desired::AgentOptions,
     docker::{self, DockerView},
     edge_link::EdgeLink,
+    filter::{self, FilterSettings},
     health::Thresholds,
     reconcile::{LoopSettings, Reconciler},
 };
+use edge_ebpf::Limits;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info};
 
@@ -57,6 +59,22 @@ struct Args {
     /// Failing probes before a backend stops receiving traffic.
     #[arg(long, env = "EDGE_PROBE_FALL", default_value_t = 3)]
     probe_fall: u32,
+    /// Directory on bpffs where the edge pins the XDP filter's maps.
+    #[arg(long, env = "EDGE_BPF_PIN_DIR", default_value = edge_ebpf::PIN_DIR)]
+    bpf_pin_dir: PathBuf,
+    /// New TCP connections (SYN without ACK) per second that one source address may open;
+    /// 0 disables the limit.
+    #[arg(long, env = "EDGE_SYN_RATE", default_value_t = 200)]
+    syn_rate: u32,
+    /// SYNs one source may send at once before --syn-rate applies.
+    #[arg(long, env = "EDGE_SYN_BURST", default_value_t = 400)]
+    syn_burst: u32,
+    /// QUIC Initial packets per second from one source address; 0 disables the limit.
+    #[arg(long, env = "EDGE_QUIC_RATE", default_value_t = 200)]
+    quic_rate: u32,
+    /// QUIC Initial packets one source may send at once before --quic-rate applies.
+    #[arg(long, env = "EDGE_QUIC_BURST", default_value_t = 400)]
+    quic_burst: u32,
     /// Log format on stderr.
     #[arg(long, env = "EDGE_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
     log_format: String,
@@ -143,6 +161,16 @@ async fn run(args: Args) -> Result<(), String> {
     let (calls_tx, calls_rx) = mpsc::channel(16);
     tokio::spawn(ctl::serve(listener, calls_tx));
 
+    let filter = FilterSettings {
+        pin_dir: args.bpf_pin_dir.clone(),
+        limits: Limits {
+            syn_rate: args.syn_rate,
+            syn_burst: args.syn_burst,
+            quic_rate: args.quic_rate,
+            quic_burst: args.quic_burst,
+        },
+    };
+    tokio::spawn(filter::maintain(filter.clone()));
     let settings = LoopSettings {
         options: AgentOptions {
             exposed_by_default: args.exposed_by_default,
@@ -158,6 +186,7 @@ async fn run(args: Args) -> Result<(), String> {
         seed_file: Some(args.state_dir.join("edge-snapshot.json")),
         docker_enabled: args.docker,
         drains_file: Some(args.state_dir.join("agent-drains.json")),
+        filter,
     };
     info!(
         edge_socket = %edge_socket.display(),

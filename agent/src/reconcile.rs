@@ -46,6 +46,8 @@ pub struct LoopSettings {
     pub docker_enabled: bool,
     /// File that keeps operator drains across restarts.
     pub drains_file: Option<PathBuf>,
+    /// The XDP filter's pinned maps and the rate limits to apply.
+    pub filter: crate::filter::FilterSettings,
 }
 
 /// The edge's last reply, as the agent recorded it.
@@ -340,6 +342,9 @@ impl Reconciler {
                 info!(backend, "undrained on operator request");
                 self.save_drains();
                 CtlResponse::ok(json!({ "undrained": self.describe(&targets) }))
+            }
+            CtlRequest::Block { .. } | CtlRequest::Unblock { .. } | CtlRequest::Blocked => {
+                crate::filter::handle(&self.settings.filter, &request)
             }
             CtlRequest::Reload => {
                 self.load_routes_file();

@@ -197,6 +197,15 @@ pub fn render(shared: &Shared) -> String {
     for (name, kind, help, value) in simple {
         write_metric(&mut out, name, kind, help, value);
     }
+    out.push_str("# HELP edge_worker_connections_total Client connections accepted, by worker.\n");
+    out.push_str("# TYPE edge_worker_connections_total counter\n");
+    for (worker, metrics) in shared.metrics.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "edge_worker_connections_total{{worker=\"{worker}\"}} {}",
+            metrics.connections_total.load(Relaxed)
+        );
+    }
     out.push_str("# HELP edge_upstream_errors_total Failed requests to backends, by kind.\n");
     out.push_str("# TYPE edge_upstream_errors_total counter\n");
     for kind in UpstreamErrorKind::ALL {

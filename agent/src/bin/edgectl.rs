@@ -47,6 +47,18 @@ enum Command {
     Undrain { backend: String },
     /// Re-read the routes file and push a fresh snapshot.
     Reload,
+    /// Drop all traffic from an address or CIDR in the XDP filter.
+    Block {
+        /// Address or CIDR, for example 192.0.2.7 or 2001:db8::/32.
+        cidr: String,
+        /// Lift the block after this long (for example 10m, 1h); default: until unblocked.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Remove the block of exactly this address or CIDR.
+    Unblock { cidr: String },
+    /// List the blocked networks with the time left on each.
+    Blocked,
 }
 
 fn main() -> ExitCode {
@@ -69,6 +81,12 @@ fn main() -> ExitCode {
             backend: backend.clone(),
         },
         Command::Reload => CtlRequest::Reload,
+        Command::Block { cidr, ttl } => CtlRequest::Block {
+            cidr: cidr.clone(),
+            ttl_ms: ttl.map(|ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+        },
+        Command::Unblock { cidr } => CtlRequest::Unblock { cidr: cidr.clone() },
+        Command::Blocked => CtlRequest::Blocked,
     };
     let response = match call(&socket, &request) {
         Ok(r) => r,
@@ -148,6 +166,22 @@ fn render(command: &Command, data: &Value) -> String {
         Command::Drain { .. } => list_lines("draining (no new requests):", &data["drained"]),
         Command::Undrain { .. } => list_lines("back in service:", &data["undrained"]),
         Command::Reload => "routes file reloaded\n".to_owned(),
+        Command::Block { ttl, .. } => match ttl {
+            Some(ttl) => format!(
+                "blocked {} for {}\n",
+                compact(&data["blocked"]),
+                humantime::format_duration(*ttl)
+            ),
+            None => format!("blocked {} until unblocked\n", compact(&data["blocked"])),
+        },
+        Command::Unblock { .. } => format!("unblocked {}\n", compact(&data["unblocked"])),
+        Command::Blocked => {
+            if data.as_array().is_some_and(Vec::is_empty) {
+                "nothing is blocked\n".to_owned()
+            } else {
+                table(data, &["cidr", "expires_in_secs", "origin"])
+            }
+        }
     }
 }
 
