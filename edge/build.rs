@@ -1,6 +1,6 @@
 //! Compiles the eBPF programs (`edge-ebpf/bpf/edge.bpf.c`) with clang when clang and libbpf's
 //! headers are installed, and embeds the object in the edge. Without them the edge still builds
-//! and runs without the filter, and says so in its log.
+//! and runs without the filter, and logs that it does.
 //!
 //! `EDGE_BPF_CLANG` names the compiler (default: the first of clang-19 ... clang-14, clang on
 //! PATH); `EDGE_BPF_REQUIRED=1` makes a missing compiler a build error.

@@ -1,9 +1,9 @@
 //! The XDP filter's pinned maps as the agent manages them: operator blocks with their TTLs
 //! (`edgectl block`, `unblock`, `blocked`) and the rate limits from the agent's settings.
 //!
-//! The maps belong to the edge, which pins them when it loads its programs; the agent only
+//! The maps belong to the edge, which pins them when it loads its programs. The agent only
 //! changes entries. A block's TTL is stored in the entry itself, so the kernel stops applying
-//! it on time even when the agent is not running; the agent removes expired entries once a
+//! it on time even when the agent is not running. The agent removes expired entries once a
 //! second to free their slots.
 
 use std::{path::PathBuf, time::Duration};
@@ -20,7 +20,7 @@ use crate::ctl::{CtlRequest, CtlResponse};
 /// Interval of the maintenance loop: expired blocks and limit changes.
 const MAINTAIN_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Where the maps are pinned and which limits the agent applies.
+/// Pin directory of the maps and the limits the agent applies.
 #[derive(Debug, Clone)]
 pub struct FilterSettings {
     pub pin_dir: PathBuf,

@@ -274,8 +274,8 @@ static __always_inline int handle_udp(void *l4, void *end, const __u8 *src)
 	} else if (version == QUIC_V2) {
 		initial = type == 1;
 	} else {
-		/* An unknown version can only start a connection (answered with Version
-		 * Negotiation), so it costs what an Initial costs. */
+		/* A packet of an unknown version can only start a connection, which the server
+		 * rejects with Version Negotiation, so it costs what an Initial costs. */
 		initial = 1;
 	}
 	if ((version == QUIC_V1 || version == QUIC_V2) && quic[5] > QUIC_MAX_CID_LEN)

@@ -20,12 +20,12 @@ use crate::{BlockEntry, Limits, LpmKeyV4, LpmKeyV6};
 const _: () = assert!(size_of::<Key<[u8; 4]>>() == size_of::<LpmKeyV4>());
 const _: () = assert!(size_of::<Key<[u8; 16]>>() == size_of::<LpmKeyV6>());
 
-/// Why a pinned map could not be used.
+/// Error from opening, reading or changing a pinned map.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PinnedError {
-    /// The pin does not exist: no edge with the filter has run since boot.
-    #[error("pinned map {path} not found: the edge has not loaded its eBPF programs (it needs root or CAP_BPF and CAP_NET_ADMIN, and --xdp-iface)")]
+    /// The pin does not exist because no edge has loaded the programs since boot.
+    #[error("pinned map {path} not found: the edge has not loaded its eBPF programs (loading needs root)")]
     NotPinned { path: PathBuf },
     /// A map operation failed.
     #[error("{operation} on pinned map {path} failed: {source}")]

@@ -1,6 +1,7 @@
 //! The XDP filter and SO_REUSEPORT steering on a real veth pair between two network namespaces
-//! that the test creates: the edge (demo routes) runs in one, curl and a bounded SYN flood run
-//! in the other from two addresses, and `edgectl` blocks and unblocks through the agent.
+//! that the test creates. The edge (demo routes) runs in one namespace. curl and a bounded SYN
+//! flood run in the other from two addresses, and `edgectl` blocks and unblocks through the
+//! agent.
 //!
 //! Needs root, iproute2, nsenter, curl, python3 and an edge built with its eBPF object.
 //! `cargo xtask test` provides them and sets `EDGE_E2E_BPF=1`; without it the test prints that

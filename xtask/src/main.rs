@@ -22,6 +22,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("dockerd", "docker.io"),
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
+    ("python3", "python3"),
 ];
 
 /// Debian packages that build the eBPF programs: the compiler and libbpf's headers

@@ -100,7 +100,7 @@ pub fn load(options: &KernelOptions) -> anyhow::Result<Loaded> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(&options.pin_dir)
         .load(object)
-        .context("the kernel rejected the eBPF object (loading needs root, or CAP_BPF with CAP_NET_ADMIN)")?;
+        .context("the kernel rejected the eBPF object (loading needs root)")?;
 
     if !limits_existed {
         let map = ebpf

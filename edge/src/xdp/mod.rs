@@ -37,7 +37,7 @@ pub enum SteeringArg {
     Cpu,
 }
 
-/// What the edge asks of its kernel programs.
+/// Requested configuration of the kernel programs.
 #[derive(Debug, Clone)]
 pub struct KernelOptions {
     /// Object file to load instead of the embedded one.
@@ -62,7 +62,7 @@ pub struct ListenerGroups<'a> {
 pub enum ProgramState {
     /// Not requested by the configuration.
     Off,
-    /// Running; the text says how (XDP mode, steering mode).
+    /// Running, in the mode given by the text (XDP mode or steering mode).
     Running(String),
     /// Requested but not running, with the reason.
     Failed(String),
@@ -97,7 +97,7 @@ impl std::fmt::Debug for Kernel {
 }
 
 impl Kernel {
-    /// A state with nothing loaded, for builds and tests that do not use the programs.
+    /// Returns a state with nothing loaded, for when no program is requested.
     pub fn off() -> Self {
         Self {
             _ebpf: None,
@@ -107,7 +107,7 @@ impl Kernel {
         }
     }
 
-    /// Loads and attaches what `options` asks for. Never fails: each part that cannot start
+    /// Loads and attaches the programs that `options` requests. Never fails: each part that cannot start
     /// is logged and recorded in its [`ProgramState`].
     pub fn start(options: &KernelOptions, listeners: &ListenerGroups<'_>) -> Self {
         let wants_xdp = options.xdp_iface.is_some();
