@@ -3,7 +3,8 @@
 //! and runs without the filter, and logs that it does.
 //!
 //! `EDGE_BPF_CLANG` names the compiler (default: the first of clang-19 ... clang-14, clang on
-//! PATH); `EDGE_BPF_REQUIRED=1` makes a missing compiler a build error.
+//! PATH), and `EDGE_BPF_CLANG=none` builds without the programs. `EDGE_BPF_REQUIRED=1` makes a
+//! missing compiler a build error.
 
 use std::{
     env,
@@ -24,9 +25,11 @@ fn main() {
     println!("cargo:rerun-if-changed={}", source_dir.display());
     let required = env::var("EDGE_BPF_REQUIRED").as_deref() == Ok("1");
 
-    let clang = env::var("EDGE_BPF_CLANG")
-        .ok()
-        .or_else(|| CLANGS.iter().find(|c| on_path(c)).map(|c| c.to_string()));
+    let clang = match env::var("EDGE_BPF_CLANG") {
+        Ok(name) if name == "none" => None,
+        Ok(name) => Some(name),
+        Err(_) => CLANGS.iter().find(|c| on_path(c)).map(|c| c.to_string()),
+    };
     let headers = Path::new("/usr/include/bpf/bpf_helpers.h").exists();
     let Some(clang) = clang.filter(|_| headers) else {
         let message = "eBPF programs not built: install clang (clang-19) and libbpf-dev, then rebuild (`cargo clean -p edge`); the edge runs without the XDP filter";
