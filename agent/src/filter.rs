@@ -5,15 +5,24 @@
 //! changes entries. A block's TTL is stored in the entry itself, so the kernel stops applying
 //! it on time even when the agent is not running. The agent removes expired entries once a
 //! second to free their slots.
+//!
+//! Operator blocks are also kept in `STATE_DIR/agent-blocks.json` with their wall-clock expiry.
+//! Pins vanish at a reboot, and an edge upgrade may replace an incompatible pin, so every
+//! second the agent puts back each saved block that is missing from the maps.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use edge_ebpf::{
-    user::{parse_net, PinnedMaps},
+    user::{parse_net, PinnedError, PinnedMaps},
     Limits, BLOCK_AUTO,
 };
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::ctl::{CtlRequest, CtlResponse};
 
@@ -25,6 +34,60 @@ const MAINTAIN_INTERVAL: Duration = Duration::from_secs(1);
 pub struct FilterSettings {
     pub pin_dir: PathBuf,
     pub limits: Limits,
+    /// File that keeps operator blocks across reboots; none: not kept.
+    pub blocks_file: Option<PathBuf>,
+}
+
+/// An operator block as saved in the blocks file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedBlock {
+    cidr: IpNet,
+    /// Wall-clock expiry in ms since the Unix epoch; none for a permanent block.
+    expires_unix_ms: Option<u64>,
+}
+
+fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn load_blocks(path: &Path) -> Vec<SavedBlock> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            error!(path = %path.display(), error = %e, "ignoring the invalid blocks file");
+            Vec::new()
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            error!(path = %path.display(), error = %e, "cannot read the blocks file");
+            Vec::new()
+        }
+    }
+}
+
+fn save_blocks(path: &Path, blocks: &[SavedBlock]) {
+    let result = serde_json::to_vec_pretty(blocks)
+        .map_err(std::io::Error::other)
+        .and_then(|json| {
+            let tmp = path.with_extension("json.tmp");
+            std::fs::write(&tmp, json)?;
+            std::fs::rename(&tmp, path)
+        });
+    if let Err(e) = result {
+        error!(path = %path.display(), error = %e, "cannot save the blocks; they will be lost at a reboot");
+    }
+}
+
+/// Applies `change` to the saved blocks, when a blocks file is configured.
+fn update_saved(settings: &FilterSettings, change: impl FnOnce(&mut Vec<SavedBlock>)) {
+    let Some(path) = &settings.blocks_file else {
+        return;
+    };
+    let mut blocks = load_blocks(path);
+    change(&mut blocks);
+    save_blocks(path, &blocks);
 }
 
 /// Handles `block`, `unblock` and `blocked`; other requests get an error.
@@ -36,11 +99,33 @@ pub fn handle(settings: &FilterSettings, request: &CtlRequest) -> CtlResponse {
                 Ok(net) => net,
                 Err(e) => return CtlResponse::error(e),
             };
+            if *ttl_ms == Some(0) {
+                return CtlResponse::error("invalid TTL 0: give a positive duration such as 10m, or none for a permanent block");
+            }
             let ttl = ttl_ms.map(Duration::from_millis);
+            let save = |settings: &FilterSettings| {
+                update_saved(settings, |blocks| {
+                    blocks.retain(|b| b.cidr != net);
+                    blocks.push(SavedBlock {
+                        cidr: net,
+                        expires_unix_ms: ttl_ms.map(|ms| unix_now_ms().saturating_add(ms)),
+                    });
+                });
+            };
             match pins.block(net, ttl, edge_ebpf::BLOCK_MANUAL) {
                 Ok(()) => {
                     info!(%net, ttl = ?ttl, "blocked on operator request");
+                    save(settings);
                     CtlResponse::ok(json!({ "blocked": net.to_string(), "ttl_ms": ttl_ms }))
+                }
+                Err(PinnedError::NotPinned { .. }) if settings.blocks_file.is_some() => {
+                    info!(%net, ttl = ?ttl, "saved a block for when the edge loads its filter");
+                    save(settings);
+                    CtlResponse::ok(json!({
+                        "blocked": net.to_string(),
+                        "ttl_ms": ttl_ms,
+                        "pending": "the edge has not loaded its filter; the block applies when it does",
+                    }))
                 }
                 Err(e) => CtlResponse::error(e.to_string()),
             }
@@ -50,7 +135,18 @@ pub fn handle(settings: &FilterSettings, request: &CtlRequest) -> CtlResponse {
                 Ok(net) => net,
                 Err(e) => return CtlResponse::error(e),
             };
+            let mut saved = false;
+            update_saved(settings, |blocks| {
+                let before = blocks.len();
+                blocks.retain(|b| b.cidr != net);
+                saved = blocks.len() != before;
+            });
             match pins.unblock(net) {
+                Ok(false) | Err(PinnedError::NotPinned { .. }) if saved => {
+                    // Saved but not in the maps (not restored yet): removing it was enough.
+                    info!(%net, "unblocked on operator request");
+                    CtlResponse::ok(json!({ "unblocked": net.to_string() }))
+                }
                 Ok(true) => {
                     info!(%net, "unblocked on operator request");
                     CtlResponse::ok(json!({ "unblocked": net.to_string() }))
@@ -88,7 +184,7 @@ pub async fn maintain(settings: FilterSettings) {
         if !pins.exists() {
             continue;
         }
-        let result = maintain_once(&pins, settings.limits);
+        let result = maintain_once(&pins, &settings);
         match result {
             Ok(()) => last_error = None,
             Err(e) => {
@@ -103,13 +199,41 @@ pub async fn maintain(settings: FilterSettings) {
     }
 }
 
-fn maintain_once(pins: &PinnedMaps, limits: Limits) -> Result<(), edge_ebpf::user::PinnedError> {
+fn maintain_once(pins: &PinnedMaps, settings: &FilterSettings) -> Result<(), PinnedError> {
     for net in pins.remove_expired()? {
         info!(%net, "block expired and removed");
     }
+    restore_saved(pins, settings)?;
+    let limits = settings.limits;
     if pins.limits()? != limits {
         pins.set_limits(limits)?;
         info!(?limits, "applied the rate limits to the filter");
+    }
+    Ok(())
+}
+
+/// Drops expired saved blocks and puts back each remaining one that the maps lack.
+fn restore_saved(pins: &PinnedMaps, settings: &FilterSettings) -> Result<(), PinnedError> {
+    let Some(path) = &settings.blocks_file else {
+        return Ok(());
+    };
+    let mut blocks = load_blocks(path);
+    let now = unix_now_ms();
+    let before = blocks.len();
+    blocks.retain(|b| b.expires_unix_ms.is_none_or(|at| at > now));
+    if blocks.len() != before {
+        save_blocks(path, &blocks);
+    }
+    if blocks.is_empty() {
+        return Ok(());
+    }
+    let present: Vec<IpNet> = pins.blocked()?.into_iter().map(|b| b.net).collect();
+    for block in blocks.iter().filter(|b| !present.contains(&b.cidr)) {
+        let ttl = block
+            .expires_unix_ms
+            .map(|at| Duration::from_millis(at.saturating_sub(now)));
+        pins.block(block.cidr, ttl, edge_ebpf::BLOCK_MANUAL)?;
+        info!(net = %block.cidr, ttl = ?ttl, "restored a saved block missing from the filter");
     }
     Ok(())
 }

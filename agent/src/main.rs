@@ -169,6 +169,7 @@ async fn run(args: Args) -> Result<(), String> {
             quic_rate: args.quic_rate,
             quic_burst: args.quic_burst,
         },
+        blocks_file: Some(args.state_dir.join("agent-blocks.json")),
     };
     tokio::spawn(filter::maintain(filter.clone()));
     let settings = LoopSettings {

@@ -7,6 +7,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 /// Accept queue length of each listening socket.
 const BACKLOG: i32 = 4096;
+/// How long a port in use is checked again before the edge gives up on it.
+const IN_USE_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Why the listeners could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +39,18 @@ pub fn bind_reuseport(
     count: usize,
 ) -> Result<Vec<std::net::TcpListener>, ListenError> {
     if addr.port() != 0 {
-        ensure_unused(addr)?;
+        // NOTE: the listeners of an edge that just exited stay in LISTEN for a moment while
+        // the kernel frees its SO_REUSEPORT socket arrays. A busy port is therefore checked
+        // again for a short while before it counts as taken by another process.
+        let deadline = std::time::Instant::now() + IN_USE_GRACE;
+        loop {
+            match ensure_unused(addr) {
+                Err(ListenError::InUse { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                result => break result?,
+            }
+        }
     }
     let first = bind_one(addr).map_err(|source| ListenError::Bind {
         addr,

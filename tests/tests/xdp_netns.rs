@@ -88,6 +88,7 @@ struct Lab {
     edge: Option<Child>,
     agent: Option<Child>,
     edge_logs: Arc<Mutex<Vec<String>>>,
+    steering: String,
 }
 
 impl Lab {
@@ -102,6 +103,7 @@ impl Lab {
             edge: None,
             agent: None,
             edge_logs: Arc::default(),
+            steering: steering.to_owned(),
         };
         let _ = std::fs::remove_dir_all(&lab.dir);
         std::fs::create_dir_all(&lab.dir).unwrap();
@@ -165,19 +167,27 @@ impl Lab {
             must("ip", &["-n", ns, "link", "set", iface, "up"]);
         }
 
+        lab.spawn_edge();
+        lab.spawn_agent();
+        lab.wait_edge_ready();
+        lab.wait_limits();
+        lab
+    }
+
+    fn spawn_edge(&mut self) {
         // `ip netns exec` would remount /sys and hide bpffs; nsenter changes only the network.
         let mut edge = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", lab.edge_ns))
+            .arg(format!("--net=/run/netns/{}", self.edge_ns))
             .arg(binary("edge"))
             .arg("demo")
             .args(["--http-addr", &format!("{EDGE_ADDR}:8080")])
             .args(["--https-addr", &format!("{EDGE_ADDR}:8443")])
             .args(["--admin-addr", ADMIN])
-            .args(["--xdp-iface", &lab.edge_iface])
-            .args(["--steering", steering])
+            .args(["--xdp-iface", &self.edge_iface])
+            .args(["--steering", &self.steering])
             .args(["--workers", "2"])
             .arg("--bpf-pin-dir")
-            .arg(&lab.pin_dir)
+            .arg(&self.pin_dir)
             .args(["--log-format", "json", "--access-log", "false"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -185,23 +195,25 @@ impl Lab {
             .spawn()
             .expect("starting the edge");
         let stderr = edge.stderr.take().unwrap();
-        let logs = lab.edge_logs.clone();
+        let logs = self.edge_logs.clone();
+        logs.lock().unwrap().clear();
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 logs.lock().unwrap().push(line);
             }
         });
-        lab.edge = Some(edge);
+        self.edge = Some(edge);
+    }
 
-        let state = lab.dir.join("agent");
+    fn spawn_agent(&mut self) {
         let agent = Command::new(binary("agent"))
             .arg("--state-dir")
-            .arg(&state)
+            .arg(self.dir.join("agent"))
             .arg("--edge-socket")
-            .arg(lab.dir.join("no-edge.sock"))
+            .arg(self.dir.join("no-edge.sock"))
             .args(["--docker", "false", "--log-format", "text"])
             .arg("--bpf-pin-dir")
-            .arg(&lab.pin_dir)
+            .arg(&self.pin_dir)
             .args(["--syn-rate", &LIMITS.syn_rate.to_string()])
             .args(["--syn-burst", &LIMITS.syn_burst.to_string()])
             .args(["--quic-rate", &LIMITS.quic_rate.to_string()])
@@ -211,12 +223,25 @@ impl Lab {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting the agent");
-        lab.agent = Some(agent);
-        lab.wait_ready();
-        lab
+        self.agent = Some(agent);
     }
 
-    fn wait_ready(&self) {
+    /// Stops the edge with SIGKILL, as a crash would.
+    fn kill_edge(&mut self) {
+        if let Some(mut edge) = self.edge.take() {
+            let _ = edge.kill();
+            let _ = edge.wait();
+        }
+    }
+
+    fn stop_agent(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+    }
+
+    fn wait_edge_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let metrics = self.metrics();
@@ -240,7 +265,10 @@ impl Lab {
             );
             thread::sleep(Duration::from_millis(100));
         }
-        // The agent writes its limits within a second of seeing the pins.
+    }
+
+    /// Waits until the agent has written its limits, within a second of seeing the pins.
+    fn wait_limits(&self) {
         let pins = PinnedMaps::new(&self.pin_dir);
         let deadline = Instant::now() + Duration::from_secs(10);
         while pins.limits().ok() != Some(LIMITS) {
@@ -388,7 +416,7 @@ fn block_cuts_only_that_client() {
     let listed = lab.edgectl_ok(&["blocked"]);
     assert!(listed.contains("nothing is blocked"), "{listed}");
 
-    // Unblocking what is not blocked is an error that says so.
+    // Unblocking a network that is not blocked fails with an error naming it.
     let output = lab.edgectl(&["unblock", NOISY]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("is not blocked"));
@@ -472,6 +500,51 @@ fn connections_spread_over_workers() {
         ));
         assert!(accepted > 0, "worker {worker} accepted no connection");
     }
+}
+
+#[test]
+fn blocks_survive_edge_restart() {
+    if !bpf_enabled() {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut lab = Lab::start("restart", "cpu");
+    lab.edgectl_ok(&["block", NOISY]);
+    assert_eq!(lab.request(NOISY), 0, "client before the restart");
+
+    // A crashed edge with no agent running: only the reused pin can keep the block.
+    lab.stop_agent();
+    lab.kill_edge();
+    lab.spawn_edge();
+    lab.wait_edge_ready();
+    let reused = lab
+        .edge_logs
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|line| line.contains("reusing the pinned map"));
+    assert!(reused, "the restarted edge did not reuse its pins");
+    assert_eq!(lab.request(NOISY), 0, "block lost when the edge restarted");
+    assert_eq!(lab.request(QUIET), 200, "other client after the restart");
+
+    // A reboot empties bpffs: the agent puts the saved block back.
+    lab.kill_edge();
+    std::fs::remove_dir_all(&lab.pin_dir).unwrap();
+    lab.spawn_edge();
+    lab.wait_edge_ready();
+    assert_eq!(lab.request(NOISY), 200, "new maps start without blocks");
+    lab.spawn_agent();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while lab.request(NOISY) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not restore the saved block"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(lab.request(QUIET), 200, "other client after the restore");
 }
 
 // TODO: QUIC steering by connection ID (a migrated connection keeps its worker) is tested

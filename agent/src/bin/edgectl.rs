@@ -166,14 +166,20 @@ fn render(command: &Command, data: &Value) -> String {
         Command::Drain { .. } => list_lines("draining (no new requests):", &data["drained"]),
         Command::Undrain { .. } => list_lines("back in service:", &data["undrained"]),
         Command::Reload => "routes file reloaded\n".to_owned(),
-        Command::Block { ttl, .. } => match ttl {
-            Some(ttl) => format!(
-                "blocked {} for {}\n",
-                compact(&data["blocked"]),
-                humantime::format_duration(*ttl)
-            ),
-            None => format!("blocked {} until unblocked\n", compact(&data["blocked"])),
-        },
+        Command::Block { ttl, .. } => {
+            let mut out = match ttl {
+                Some(ttl) => format!(
+                    "blocked {} for {}\n",
+                    compact(&data["blocked"]),
+                    humantime::format_duration(*ttl)
+                ),
+                None => format!("blocked {} until unblocked\n", compact(&data["blocked"])),
+            };
+            if !data["pending"].is_null() {
+                out.push_str(&format!("note: {}\n", compact(&data["pending"])));
+            }
+            out
+        }
         Command::Unblock { .. } => format!("unblocked {}\n", compact(&data["unblocked"])),
         Command::Blocked => {
             if data.as_array().is_some_and(Vec::is_empty) {
