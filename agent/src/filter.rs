@@ -173,6 +173,37 @@ pub fn handle(settings: &FilterSettings, request: &CtlRequest) -> CtlResponse {
     }
 }
 
+/// Describes the filter for `edgectl status`: whether its maps are pinned, the number of
+/// blocks, the limits in force and the drop counters.
+pub fn status_json(settings: &FilterSettings) -> serde_json::Value {
+    let pins = PinnedMaps::new(&settings.pin_dir);
+    if !pins.exists() {
+        return json!({ "loaded": false });
+    }
+    let blocked = pins
+        .blocked()
+        .map(|entries| entries.iter().filter(|e| !e.expired).count())
+        .ok();
+    let limits = pins.limits().ok().map(|l| {
+        json!({
+            "syn_rate": l.syn_rate,
+            "syn_burst": l.syn_burst,
+            "quic_rate": l.quic_rate,
+            "quic_burst": l.quic_burst,
+        })
+    });
+    let drops = pins.stats().ok().map(|stats| {
+        let mut drops = serde_json::Map::new();
+        for (_, reason) in edge_ebpf::STAT_REASONS {
+            if let Some(name) = reason.strip_prefix("drop_") {
+                drops.insert(name.into(), json!(edge_ebpf::user::stat(&stats, reason)));
+            }
+        }
+        serde_json::Value::Object(drops)
+    });
+    json!({ "loaded": true, "blocked": blocked, "limits": limits, "drops": drops })
+}
+
 /// Removes expired blocks and keeps the pinned limits equal to the configured ones, once a
 /// second, for as long as the agent runs. Waits quietly while no edge has pinned the maps.
 pub async fn maintain(settings: FilterSettings) {

@@ -413,6 +413,7 @@ impl Reconciler {
             "backends": backends.len(),
             "backends_up": up,
             "errors": self.desired.errors.len(),
+            "filter": crate::filter::status_json(&self.settings.filter),
         }))
     }
 

@@ -410,6 +410,13 @@ fn block_cuts_only_that_client() {
     let listed = lab.edgectl_ok(&["blocked"]);
     assert!(listed.contains("10.211.0.2/32"), "{listed}");
     assert!(lab.counter(r#"edge_xdp_packets_total{reason="drop_blocked"}"#) > 0);
+    let status = lab.edgectl_ok(&["status"]);
+    let filter_line = status
+        .lines()
+        .find(|line| line.starts_with("xdp filter"))
+        .unwrap_or_else(|| panic!("no filter line in status:\n{status}"));
+    assert!(filter_line.contains("1 blocked;"), "{filter_line}");
+    assert!(filter_line.contains("SYN 20/s (burst 40)"), "{filter_line}");
 
     lab.edgectl_ok(&["unblock", NOISY]);
     assert_eq!(lab.request(NOISY), 200, "unblocked client");

@@ -246,6 +246,26 @@ fn render_status(data: &Value) -> String {
         ),
     );
     line("label errors", compact(&data["errors"]));
+    let filter = &data["filter"];
+    let filter_text = if filter["loaded"] == Value::Bool(true) {
+        let limits = &filter["limits"];
+        let drops = &filter["drops"];
+        format!(
+            "{} blocked; SYN {}/s (burst {}), QUIC Initial {}/s (burst {}) per source; dropped: blocked {}, SYN rate {}, QUIC rate {}, malformed {}",
+            compact(&filter["blocked"]),
+            compact(&limits["syn_rate"]),
+            compact(&limits["syn_burst"]),
+            compact(&limits["quic_rate"]),
+            compact(&limits["quic_burst"]),
+            compact(&drops["blocked"]),
+            compact(&drops["syn_rate"]),
+            compact(&drops["quic_rate"]),
+            compact(&drops["malformed"]),
+        )
+    } else {
+        "not loaded (no edge has loaded its eBPF programs since boot)".to_owned()
+    };
+    line("xdp filter", filter_text);
     if !data["routes_file_error"].is_null() {
         line("routes file error", compact(&data["routes_file_error"]));
     }
