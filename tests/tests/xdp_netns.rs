@@ -485,6 +485,9 @@ fn syn_flood_spares_other_client() {
     // 2000 SYNs against a bucket of 40 plus 20 per second.
     assert!(dropped >= 1000, "only {dropped} SYNs dropped");
     assert_eq!(lab.request(QUIET), 200, "quiet client after the flood");
+    // Both workers are pinned, so every CPU that received a SYN has a worker to take it.
+    let on_cpu = lab.counter(r#"edge_xdp_packets_total{reason="steer_cpu"}"#);
+    assert!(on_cpu > 0, "no connection steered to its CPU's worker");
 }
 
 #[test]
