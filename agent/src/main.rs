@@ -75,6 +75,13 @@ struct Args {
     /// QUIC Initial packets one source may send at once before --quic-rate applies.
     #[arg(long, env = "EDGE_QUIC_BURST", default_value_t = 400)]
     quic_burst: u32,
+    /// Length of the IPv4 prefix that the rate limits treat as one source (32: each address).
+    #[arg(long, env = "EDGE_RATE_LIMIT_PREFIX_V4", default_value_t = 32, value_parser = clap::value_parser!(u32).range(0..=32))]
+    rate_limit_prefix_v4: u32,
+    /// Length of the IPv6 prefix that the rate limits treat as one source; 64 because one
+    /// host often owns a whole /64.
+    #[arg(long, env = "EDGE_RATE_LIMIT_PREFIX_V6", default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=128))]
+    rate_limit_prefix_v6: u32,
     /// Log format on stderr.
     #[arg(long, env = "EDGE_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
     log_format: String,
@@ -168,6 +175,8 @@ async fn run(args: Args) -> Result<(), String> {
             syn_burst: args.syn_burst,
             quic_rate: args.quic_rate,
             quic_burst: args.quic_burst,
+            v4_prefix_len: args.rate_limit_prefix_v4,
+            v6_prefix_len: args.rate_limit_prefix_v6,
         },
         blocks_file: Some(args.state_dir.join("agent-blocks.json")),
     };

@@ -27,7 +27,7 @@
 _Static_assert(sizeof(struct edge_lpm_v4_key) == 8, "edge_lpm_v4_key size");
 _Static_assert(sizeof(struct edge_lpm_v6_key) == 20, "edge_lpm_v6_key size");
 _Static_assert(sizeof(struct edge_block) == 16, "edge_block size");
-_Static_assert(sizeof(struct edge_limits) == 16, "edge_limits size");
+_Static_assert(sizeof(struct edge_limits) == 24, "edge_limits size");
 _Static_assert(sizeof(struct edge_bucket_key) == 20, "edge_bucket_key size");
 _Static_assert(sizeof(struct edge_bucket) == 16, "edge_bucket size");
 _Static_assert(sizeof(struct edge_port_key) == 4, "edge_port_key size");
@@ -155,8 +155,9 @@ static __always_inline int is_our_port(__u16 port, __u8 proto)
 	return bpf_map_lookup_elem(&edge_ports, &key) != NULL;
 }
 
-/* Takes one token from the bucket of `addr`; returns 1 when the packet may pass. */
-static __always_inline int take_token(const __u8 *addr, __u32 kind)
+/* Takes one token from the bucket of the source prefix around `addr` (IPv4 as
+ * ::ffff:a.b.c.d when `is_v4`); returns 1 when the packet may pass. */
+static __always_inline int take_token(const __u8 *addr, int is_v4, __u32 kind)
 {
 	__u32 zero = 0;
 	struct edge_limits *limits = bpf_map_lookup_elem(&edge_limits, &zero);
@@ -178,8 +179,22 @@ static __always_inline int take_token(const __u8 *addr, __u32 kind)
 	if (burst == 0)
 		burst = 1;
 
+	/* The prefix over the 128-bit key: an IPv4 prefix follows the 96 bits of ::ffff:. */
+	__u32 prefix_len;
+	if (is_v4)
+		prefix_len = 96 + (limits->v4_prefix_len < 32 ? limits->v4_prefix_len : 32);
+	else
+		prefix_len = limits->v6_prefix_len < 128 ? limits->v6_prefix_len : 128;
+
 	struct edge_bucket_key key = { .kind = kind };
 	__builtin_memcpy(key.addr, addr, 16);
+#pragma unroll
+	for (int i = 0; i < 16; i++) {
+		__u32 bits = prefix_len > i * 8 ? prefix_len - i * 8 : 0;
+
+		if (bits < 8)
+			key.addr[i] &= (__u8)(0xff00 >> bits);
+	}
 	__u64 now = bpf_ktime_get_ns();
 	__u64 max_tokens = burst * 1000;
 	struct edge_bucket *bucket = bpf_map_lookup_elem(&edge_buckets, &key);
@@ -210,7 +225,7 @@ static __always_inline int take_token(const __u8 *addr, __u32 kind)
 }
 
 /* Checks a TCP segment; `l4` points at the TCP header. */
-static __always_inline int handle_tcp(void *l4, void *end, const __u8 *src)
+static __always_inline int handle_tcp(void *l4, void *end, const __u8 *src, int is_v4)
 {
 	struct tcphdr *tcp = l4;
 
@@ -230,13 +245,13 @@ static __always_inline int handle_tcp(void *l4, void *end, const __u8 *src)
 	if (tcp->syn && (tcp->fin || tcp->rst))
 		return verdict(EDGE_STAT_DROP_MALFORMED, XDP_DROP);
 
-	if (tcp->syn && !tcp->ack && !take_token(src, EDGE_BUCKET_SYN))
+	if (tcp->syn && !tcp->ack && !take_token(src, is_v4, EDGE_BUCKET_SYN))
 		return verdict(EDGE_STAT_DROP_SYN_RATE, XDP_DROP);
 	return verdict(EDGE_STAT_PASS_ALLOWED, XDP_PASS);
 }
 
 /* Checks a UDP datagram; `l4` points at the UDP header. */
-static __always_inline int handle_udp(void *l4, void *end, const __u8 *src)
+static __always_inline int handle_udp(void *l4, void *end, const __u8 *src, int is_v4)
 {
 	struct udphdr *udp = l4;
 
@@ -284,7 +299,7 @@ static __always_inline int handle_udp(void *l4, void *end, const __u8 *src)
 		return verdict(EDGE_STAT_PASS_ALLOWED, XDP_PASS);
 	if (len - sizeof(*udp) < QUIC_MIN_INITIAL_DATAGRAM)
 		return verdict(EDGE_STAT_DROP_MALFORMED, XDP_DROP);
-	if (!take_token(src, EDGE_BUCKET_QUIC))
+	if (!take_token(src, is_v4, EDGE_BUCKET_QUIC))
 		return verdict(EDGE_STAT_DROP_QUIC_RATE, XDP_DROP);
 	return verdict(EDGE_STAT_PASS_ALLOWED, XDP_PASS);
 }
@@ -315,8 +330,8 @@ static __always_inline int handle_ipv4(void *l3, void *end)
 	__builtin_memcpy(src + 12, &ip->saddr, 4);
 	void *l4 = l3 + ip->ihl * 4;
 	if (ip->protocol == IPPROTO_TCP)
-		return handle_tcp(l4, end, src);
-	return handle_udp(l4, end, src);
+		return handle_tcp(l4, end, src, 1);
+	return handle_udp(l4, end, src, 1);
 }
 
 /* IPv6 extension headers that the filter skips to find TCP or UDP. */
@@ -362,9 +377,9 @@ static __always_inline int handle_ipv6(void *l3, void *end)
 	if (next == IPPROTO_ICMPV6)
 		return verdict(EDGE_STAT_PASS_ICMP, XDP_PASS);
 	if (next == IPPROTO_TCP)
-		return handle_tcp(cursor, end, (const __u8 *)&ip->saddr);
+		return handle_tcp(cursor, end, (const __u8 *)&ip->saddr, 0);
 	if (next == IPPROTO_UDP)
-		return handle_udp(cursor, end, (const __u8 *)&ip->saddr);
+		return handle_udp(cursor, end, (const __u8 *)&ip->saddr, 0);
 	if (next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS ||
 	    next == IPPROTO_FRAGMENT || next == IPPROTO_AH)
 		return verdict(EDGE_STAT_PASS_UNPARSED, XDP_PASS);

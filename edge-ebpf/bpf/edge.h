@@ -44,20 +44,25 @@ struct edge_block {
 
 /* Rate limits, one entry at index 0, written by the agent. A rate of 0 disables that limit. */
 struct edge_limits {
-	/* New TCP connections (SYN without ACK) per second and per source address. */
+	/* New TCP connections (SYN without ACK) per second and per source. */
 	__u32 syn_rate;
 	/* Bucket size: SYNs a source may send at once before the rate applies. */
 	__u32 syn_burst;
-	/* QUIC Initial packets per second and per source address. */
+	/* QUIC Initial packets per second and per source. */
 	__u32 quic_rate;
 	__u32 quic_burst;
+	/* A source is the IPv4 or IPv6 prefix of this length around the sender's address, so a
+	 * host that owns a whole IPv6 /64 gets one bucket, not 2^64 of them. 0 makes all
+	 * senders of that family share one bucket. */
+	__u32 v4_prefix_len;
+	__u32 v6_prefix_len;
 };
 
 /* Bucket kinds in `edge_bucket_key.kind`. */
 #define EDGE_BUCKET_SYN 0
 #define EDGE_BUCKET_QUIC 1
 
-/* Key of the token buckets: the source address, IPv4 as ::ffff:a.b.c.d. */
+/* Key of the token buckets: the source prefix (host bits cleared), IPv4 as ::ffff:a.b.c.d. */
 struct edge_bucket_key {
 	__u8 addr[16];
 	__u32 kind;

@@ -157,7 +157,7 @@ pub struct BlockEntry {
     pub pad: u32,
 }
 
-/// Rate limits per source address; a rate of 0 disables that limit.
+/// Rate limits per source prefix; a rate of 0 disables that limit.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Limits {
@@ -169,13 +169,19 @@ pub struct Limits {
     pub quic_rate: u32,
     /// QUIC Initial packets a source may send at once.
     pub quic_burst: u32,
+    /// Length of the IPv4 prefix that counts as one source (32: each address; 0: all share
+    /// one bucket).
+    pub v4_prefix_len: u32,
+    /// Length of the IPv6 prefix that counts as one source. 64 gives a host that owns a /64
+    /// one bucket, not one per address.
+    pub v6_prefix_len: u32,
 }
 
 /// Key of the token buckets.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BucketKey {
-    /// Source address, network byte order; IPv4 as `::ffff:a.b.c.d`.
+    /// Source prefix with the host bits cleared, network byte order; IPv4 as `::ffff:a.b.c.d`.
     pub addr: [u8; 16],
     /// [`BUCKET_SYN`] or [`BUCKET_QUIC`].
     pub kind: u32,
@@ -231,7 +237,7 @@ pub struct SteerConfig {
 const _: () = assert!(size_of::<LpmKeyV4>() == 8);
 const _: () = assert!(size_of::<LpmKeyV6>() == 20);
 const _: () = assert!(size_of::<BlockEntry>() == 16);
-const _: () = assert!(size_of::<Limits>() == 16);
+const _: () = assert!(size_of::<Limits>() == 24);
 const _: () = assert!(size_of::<BucketKey>() == 20);
 const _: () = assert!(size_of::<Bucket>() == 16);
 const _: () = assert!(size_of::<PortKey>() == 4);

@@ -115,6 +115,8 @@ impl Filter {
             syn_burst: 1000,
             quic_rate: 1000,
             quic_burst: 1000,
+            v4_prefix_len: 32,
+            v6_prefix_len: 64,
         })
         .unwrap();
         Filter { ebpf, pins, dir }
@@ -345,6 +347,8 @@ fn syn_burst_over_bucket_dropped() {
             syn_burst: 5,
             quic_rate: 0,
             quic_burst: 0,
+            v4_prefix_len: 32,
+            v6_prefix_len: 64,
         })
         .unwrap();
     let frame = syn_v4("10.2.0.9", OUR_PORT);
@@ -376,6 +380,8 @@ fn quic_initial_burst_dropped() {
             syn_burst: 0,
             quic_rate: 1,
             quic_burst: 3,
+            v4_prefix_len: 32,
+            v6_prefix_len: 64,
         })
         .unwrap();
     let initial = udp_datagram(OUR_PORT, &quic_initial(1200));
@@ -390,6 +396,39 @@ fn quic_initial_burst_dropped() {
         filter.run(&ipv6("fd00:1::5".parse().unwrap(), 17, &short)),
         XDP_PASS
     );
+}
+
+#[test]
+fn bucket_covers_source_prefix() {
+    if !bpf_ready() {
+        return;
+    }
+    let filter = Filter::load("prefix");
+    filter
+        .pins
+        .set_limits(Limits {
+            syn_rate: 1,
+            syn_burst: 3,
+            quic_rate: 0,
+            quic_burst: 0,
+            v4_prefix_len: 24,
+            v6_prefix_len: 64,
+        })
+        .unwrap();
+    // Three SYNs from three addresses of one /64 empty the bucket they share.
+    for host in 1..=3 {
+        let frame = syn_v6(&format!("fd00:5:0:1::{host}"), OUR_PORT);
+        assert_eq!(filter.run(&frame), XDP_PASS, "host {host} of the /64");
+    }
+    assert_eq!(filter.run(&syn_v6("fd00:5:0:1::99", OUR_PORT)), XDP_DROP);
+    assert_eq!(filter.run(&syn_v6("fd00:5:0:2::1", OUR_PORT)), XDP_PASS);
+    // With a /24 for IPv4, 10.6.0.x addresses share a bucket too.
+    for host in 1..=3 {
+        let frame = syn_v4(&format!("10.6.0.{host}"), OUR_PORT);
+        assert_eq!(filter.run(&frame), XDP_PASS, "host {host} of the /24");
+    }
+    assert_eq!(filter.run(&syn_v4("10.6.0.200", OUR_PORT)), XDP_DROP);
+    assert_eq!(filter.run(&syn_v4("10.6.1.1", OUR_PORT)), XDP_PASS);
 }
 
 #[test]

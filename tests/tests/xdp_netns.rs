@@ -32,6 +32,8 @@ const LIMITS: Limits = Limits {
     syn_burst: 40,
     quic_rate: 20,
     quic_burst: 40,
+    v4_prefix_len: 32,
+    v6_prefix_len: 64,
 };
 
 /// Serialises the tests: each runs an edge with two workers, and two cores do not run several

@@ -29,6 +29,8 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     syn_burst: 400,
     quic_rate: 200,
     quic_burst: 400,
+    v4_prefix_len: 32,
+    v6_prefix_len: 64,
 };
 
 /// Definition of a pinned map, to tell whether an existing pin can be reused.
