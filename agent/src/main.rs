@@ -82,6 +82,17 @@ struct Args {
     /// host often owns a whole /64.
     #[arg(long, env = "EDGE_RATE_LIMIT_PREFIX_V6", default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=128))]
     rate_limit_prefix_v6: u32,
+    /// Block an address automatically after this many malformed packets to the edge's ports
+    /// (beyond --auto-block-rate per second); 0 turns automatic blocking off. A spoofed source
+    /// address can get blocked too.
+    #[arg(long, env = "EDGE_AUTO_BLOCK_AFTER", default_value_t = 0)]
+    auto_block_after: u32,
+    /// Malformed packets per second forgiven to each address when automatic blocking is on.
+    #[arg(long, env = "EDGE_AUTO_BLOCK_RATE", default_value_t = 1)]
+    auto_block_rate: u32,
+    /// Duration of an automatic block.
+    #[arg(long, env = "EDGE_AUTO_BLOCK_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
+    auto_block_ttl: std::time::Duration,
     /// Log format on stderr.
     #[arg(long, env = "EDGE_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
     log_format: String,
@@ -177,6 +188,7 @@ async fn run(args: Args) -> Result<(), String> {
             quic_burst: args.quic_burst,
             v4_prefix_len: args.rate_limit_prefix_v4,
             v6_prefix_len: args.rate_limit_prefix_v6,
+            ..auto_block_limits(&args)
         },
         blocks_file: Some(args.state_dir.join("agent-blocks.json")),
     };
@@ -215,6 +227,21 @@ async fn run(args: Args) -> Result<(), String> {
     }
     let _ = std::fs::remove_file(&control_path);
     Ok(())
+}
+
+/// Returns the abuse fields of the limits: all 0 while automatic blocking is off.
+fn auto_block_limits(args: &Args) -> Limits {
+    if args.auto_block_after == 0 {
+        return Limits::default();
+    }
+    Limits {
+        abuse_rate: args.auto_block_rate.max(1),
+        abuse_burst: args.auto_block_after,
+        abuse_block_secs: u32::try_from(args.auto_block_ttl.as_secs())
+            .unwrap_or(u32::MAX)
+            .max(1),
+        ..Limits::default()
+    }
 }
 
 async fn shutdown_signal() {

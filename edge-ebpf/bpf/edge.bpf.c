@@ -27,7 +27,7 @@
 _Static_assert(sizeof(struct edge_lpm_v4_key) == 8, "edge_lpm_v4_key size");
 _Static_assert(sizeof(struct edge_lpm_v6_key) == 20, "edge_lpm_v6_key size");
 _Static_assert(sizeof(struct edge_block) == 16, "edge_block size");
-_Static_assert(sizeof(struct edge_limits) == 24, "edge_limits size");
+_Static_assert(sizeof(struct edge_limits) == 36, "edge_limits size");
 _Static_assert(sizeof(struct edge_bucket_key) == 20, "edge_bucket_key size");
 _Static_assert(sizeof(struct edge_bucket) == 16, "edge_bucket size");
 _Static_assert(sizeof(struct edge_port_key) == 4, "edge_port_key size");
@@ -168,9 +168,12 @@ static __always_inline int take_token(const __u8 *addr, int is_v4, __u32 kind)
 	if (kind == EDGE_BUCKET_SYN) {
 		rate = limits->syn_rate;
 		burst = limits->syn_burst;
-	} else {
+	} else if (kind == EDGE_BUCKET_QUIC) {
 		rate = limits->quic_rate;
 		burst = limits->quic_burst;
+	} else {
+		rate = limits->abuse_rate;
+		burst = limits->abuse_burst;
 	}
 	if (rate == 0)
 		return 1;
@@ -181,7 +184,10 @@ static __always_inline int take_token(const __u8 *addr, int is_v4, __u32 kind)
 
 	/* The prefix over the 128-bit key: an IPv4 prefix follows the 96 bits of ::ffff:. */
 	__u32 prefix_len;
-	if (is_v4)
+	if (kind == EDGE_BUCKET_ABUSE)
+		/* Abuse is counted per address: a block covers only the address that abused. */
+		prefix_len = 128;
+	else if (is_v4)
 		prefix_len = 96 + (limits->v4_prefix_len < 32 ? limits->v4_prefix_len : 32);
 	else
 		prefix_len = limits->v6_prefix_len < 128 ? limits->v6_prefix_len : 128;
@@ -224,6 +230,38 @@ static __always_inline int take_token(const __u8 *addr, int is_v4, __u32 kind)
 	return 1;
 }
 
+/* Drops a malformed packet to our ports, and blocks its sender for `abuse_block_secs` once
+ * its abuse bucket is empty. */
+static __always_inline int malformed(const __u8 *src, int is_v4)
+{
+	if (take_token(src, is_v4, EDGE_BUCKET_ABUSE))
+		return verdict(EDGE_STAT_DROP_MALFORMED, XDP_DROP);
+
+	__u32 zero = 0;
+	struct edge_limits *limits = bpf_map_lookup_elem(&edge_limits, &zero);
+	__u64 secs = limits && limits->abuse_block_secs ? limits->abuse_block_secs : 60;
+	struct edge_block entry = {
+		.expires_ns = bpf_ktime_get_ns() + secs * 1000000000ULL,
+		.origin = EDGE_BLOCK_AUTO,
+	};
+
+	/* NOTE: a spoofed source address gets blocked as well, which is why automatic blocking
+	 * is off unless the agent turns it on. */
+	if (is_v4) {
+		struct edge_lpm_v4_key key = { .prefixlen = 32 };
+
+		__builtin_memcpy(key.addr, src + 12, 4);
+		bpf_map_update_elem(&edge_block_v4, &key, &entry, BPF_ANY);
+	} else {
+		struct edge_lpm_v6_key key = { .prefixlen = 128 };
+
+		__builtin_memcpy(key.addr, src, 16);
+		bpf_map_update_elem(&edge_block_v6, &key, &entry, BPF_ANY);
+	}
+	count(EDGE_STAT_AUTO_BLOCKED);
+	return verdict(EDGE_STAT_DROP_MALFORMED, XDP_DROP);
+}
+
 /* Checks a TCP segment; `l4` points at the TCP header. */
 static __always_inline int handle_tcp(void *l4, void *end, const __u8 *src, int is_v4)
 {
@@ -235,15 +273,15 @@ static __always_inline int handle_tcp(void *l4, void *end, const __u8 *src, int 
 	if (!is_our_port(tcp->dest, IPPROTO_TCP))
 		return verdict(EDGE_STAT_PASS_OTHER, XDP_PASS);
 	if ((void *)(tcp + 1) > end)
-		return verdict(EDGE_STAT_DROP_MALFORMED, XDP_DROP);
+		return malformed(src, is_v4);
 	if (tcp->doff < 5 || l4 + tcp->doff * 4 > end)
-		return verdict(EDGE_STAT_DROP_MALFORMED, XDP_DROP);
+		return malformed(src, is_v4);
 
 	/* Every valid segment has SYN, ACK or RST; SYN never comes with FIN or RST. */
 	if (!(tcp->syn || tcp->ack || tcp->rst))
-		return verdict(EDGE_STAT_DROP_MALFORMED, XDP_DROP);
+		return malformed(src, is_v4);
 	if (tcp->syn && (tcp->fin || tcp->rst))
-		return verdict(EDGE_STAT_DROP_MALFORMED, XDP_DROP);
+		return malformed(src, is_v4);
 
 	if (tcp->syn && !tcp->ack && !take_token(src, is_v4, EDGE_BUCKET_SYN))
 		return verdict(EDGE_STAT_DROP_SYN_RATE, XDP_DROP);
@@ -260,21 +298,21 @@ static __always_inline int handle_udp(void *l4, void *end, const __u8 *src, int 
 	if (!is_our_port(udp->dest, IPPROTO_UDP))
 		return verdict(EDGE_STAT_PASS_OTHER, XDP_PASS);
 	if ((void *)(udp + 1) > end)
-		return verdict(EDGE_STAT_DROP_MALFORMED, XDP_DROP);
+		return malformed(src, is_v4);
 
 	__u32 len = bpf_ntohs(udp->len);
 	if (len < sizeof(*udp) || l4 + len > end)
-		return verdict(EDGE_STAT_DROP_MALFORMED, XDP_DROP);
+		return malformed(src, is_v4);
 
 	__u8 *quic = (__u8 *)(udp + 1);
 	if ((void *)(quic + 1) > end)
-		return verdict(EDGE_STAT_DROP_MALFORMED, XDP_DROP);
+		return malformed(src, is_v4);
 	/* Short header: a packet of an established connection. */
 	if (!(quic[0] & 0x80))
 		return verdict(EDGE_STAT_PASS_ALLOWED, XDP_PASS);
 	/* Long header: flags, version (4 bytes), destination connection ID length. */
 	if ((void *)(quic + 6) > end)
-		return verdict(EDGE_STAT_DROP_MALFORMED, XDP_DROP);
+		return malformed(src, is_v4);
 
 	__u32 version = ((__u32)quic[1] << 24) | ((__u32)quic[2] << 16) | ((__u32)quic[3] << 8) |
 			quic[4];
@@ -294,11 +332,11 @@ static __always_inline int handle_udp(void *l4, void *end, const __u8 *src, int 
 		initial = 1;
 	}
 	if ((version == QUIC_V1 || version == QUIC_V2) && quic[5] > QUIC_MAX_CID_LEN)
-		return verdict(EDGE_STAT_DROP_MALFORMED, XDP_DROP);
+		return malformed(src, is_v4);
 	if (!initial)
 		return verdict(EDGE_STAT_PASS_ALLOWED, XDP_PASS);
 	if (len - sizeof(*udp) < QUIC_MIN_INITIAL_DATAGRAM)
-		return verdict(EDGE_STAT_DROP_MALFORMED, XDP_DROP);
+		return malformed(src, is_v4);
 	if (!take_token(src, is_v4, EDGE_BUCKET_QUIC))
 		return verdict(EDGE_STAT_DROP_QUIC_RATE, XDP_DROP);
 	return verdict(EDGE_STAT_PASS_ALLOWED, XDP_PASS);

@@ -56,11 +56,18 @@ struct edge_limits {
 	 * senders of that family share one bucket. */
 	__u32 v4_prefix_len;
 	__u32 v6_prefix_len;
+	/* Automatic blocking after malformed packets to our ports: each one takes a token from the
+	 * sending address's abuse bucket (this rate and burst), and an empty bucket blocks the
+	 * address for `abuse_block_secs`. A rate of 0 turns automatic blocking off. */
+	__u32 abuse_rate;
+	__u32 abuse_burst;
+	__u32 abuse_block_secs;
 };
 
 /* Bucket kinds in `edge_bucket_key.kind`. */
 #define EDGE_BUCKET_SYN 0
 #define EDGE_BUCKET_QUIC 1
+#define EDGE_BUCKET_ABUSE 2
 
 /* Key of the token buckets: the source prefix (host bits cleared), IPv4 as ::ffff:a.b.c.d. */
 struct edge_bucket_key {
@@ -110,5 +117,6 @@ struct edge_steer_config {
 #define EDGE_STAT_STEER_CPU 9
 #define EDGE_STAT_STEER_HASH 10
 #define EDGE_STAT_STEER_DEFAULT 11
+#define EDGE_STAT_AUTO_BLOCKED 12
 
 #endif

@@ -79,6 +79,8 @@ pub const BLOCK_AUTO: u32 = 1;
 pub const BUCKET_SYN: u32 = 0;
 /// [`BucketKey::kind`] of the QUIC Initial bucket.
 pub const BUCKET_QUIC: u32 = 1;
+/// [`BucketKey::kind`] of the abuse bucket (malformed packets before an automatic block).
+pub const BUCKET_ABUSE: u32 = 2;
 
 /// [`SteerConfig::mode`]: spread new connections by the flow hash.
 pub const STEER_HASH: u32 = 0;
@@ -109,9 +111,11 @@ pub const STAT_STEER_CPU: u32 = 9;
 pub const STAT_STEER_HASH: u32 = 10;
 /// Counter: connections left to the kernel's own choice (no settings, or the worker is gone).
 pub const STAT_STEER_DEFAULT: u32 = 11;
+/// Counter: sources blocked automatically after malformed packets.
+pub const STAT_AUTO_BLOCKED: u32 = 12;
 
 /// Counter indexes with the `reason` label used in metrics, in index order.
-pub const STAT_REASONS: [(u32, &str); 12] = [
+pub const STAT_REASONS: [(u32, &str); 13] = [
     (STAT_PASS_NOT_IP, "pass_not_ip"),
     (STAT_PASS_ICMP, "pass_icmp"),
     (STAT_PASS_OTHER, "pass_other"),
@@ -124,6 +128,7 @@ pub const STAT_REASONS: [(u32, &str); 12] = [
     (STAT_STEER_CPU, "steer_cpu"),
     (STAT_STEER_HASH, "steer_hash"),
     (STAT_STEER_DEFAULT, "steer_default"),
+    (STAT_AUTO_BLOCKED, "auto_blocked"),
 ];
 
 /// Key of the IPv4 block list.
@@ -175,6 +180,13 @@ pub struct Limits {
     /// Length of the IPv6 prefix that counts as one source. 64 gives a host that owns a /64
     /// one bucket, not one per address.
     pub v6_prefix_len: u32,
+    /// Malformed packets per second that one address may send to our ports before it is
+    /// blocked automatically; 0 turns automatic blocking off.
+    pub abuse_rate: u32,
+    /// Malformed packets one address may send at once before `abuse_rate` applies.
+    pub abuse_burst: u32,
+    /// Duration of an automatic block in seconds (0: 60).
+    pub abuse_block_secs: u32,
 }
 
 /// Key of the token buckets.
@@ -183,7 +195,7 @@ pub struct Limits {
 pub struct BucketKey {
     /// Source prefix with the host bits cleared, network byte order; IPv4 as `::ffff:a.b.c.d`.
     pub addr: [u8; 16],
-    /// [`BUCKET_SYN`] or [`BUCKET_QUIC`].
+    /// [`BUCKET_SYN`], [`BUCKET_QUIC`] or [`BUCKET_ABUSE`].
     pub kind: u32,
 }
 
@@ -237,7 +249,7 @@ pub struct SteerConfig {
 const _: () = assert!(size_of::<LpmKeyV4>() == 8);
 const _: () = assert!(size_of::<LpmKeyV6>() == 20);
 const _: () = assert!(size_of::<BlockEntry>() == 16);
-const _: () = assert!(size_of::<Limits>() == 24);
+const _: () = assert!(size_of::<Limits>() == 36);
 const _: () = assert!(size_of::<BucketKey>() == 20);
 const _: () = assert!(size_of::<Bucket>() == 16);
 const _: () = assert!(size_of::<PortKey>() == 4);
@@ -304,6 +316,7 @@ mod tests {
             ("EDGE_BLOCK_AUTO", BLOCK_AUTO.into()),
             ("EDGE_BUCKET_SYN", BUCKET_SYN.into()),
             ("EDGE_BUCKET_QUIC", BUCKET_QUIC.into()),
+            ("EDGE_BUCKET_ABUSE", BUCKET_ABUSE.into()),
             ("EDGE_STEER_HASH", STEER_HASH.into()),
             ("EDGE_STEER_CPU", STEER_CPU.into()),
         ];

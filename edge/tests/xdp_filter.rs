@@ -117,6 +117,7 @@ impl Filter {
             quic_burst: 1000,
             v4_prefix_len: 32,
             v6_prefix_len: 64,
+            ..Limits::default()
         })
         .unwrap();
         Filter { ebpf, pins, dir }
@@ -349,6 +350,7 @@ fn syn_burst_over_bucket_dropped() {
             quic_burst: 0,
             v4_prefix_len: 32,
             v6_prefix_len: 64,
+            ..Limits::default()
         })
         .unwrap();
     let frame = syn_v4("10.2.0.9", OUR_PORT);
@@ -382,6 +384,7 @@ fn quic_initial_burst_dropped() {
             quic_burst: 3,
             v4_prefix_len: 32,
             v6_prefix_len: 64,
+            ..Limits::default()
         })
         .unwrap();
     let initial = udp_datagram(OUR_PORT, &quic_initial(1200));
@@ -413,6 +416,7 @@ fn bucket_covers_source_prefix() {
             quic_burst: 0,
             v4_prefix_len: 24,
             v6_prefix_len: 64,
+            ..Limits::default()
         })
         .unwrap();
     // Three SYNs from three addresses of one /64 empty the bucket they share.
@@ -473,6 +477,61 @@ fn malformed_to_our_ports_dropped() {
         assert_eq!(filter.run(frame), XDP_DROP, "{name}");
     }
     assert_eq!(filter.stat("drop_malformed"), cases.len() as u64);
+}
+
+#[test]
+fn repeated_malformed_blocks_source() {
+    if !bpf_ready() {
+        return;
+    }
+    let filter = Filter::load("autoblock");
+    let limits = Limits {
+        abuse_rate: 1,
+        abuse_burst: 3,
+        abuse_block_secs: 600,
+        ..filter.pins.limits().unwrap()
+    };
+    filter.pins.set_limits(limits).unwrap();
+    let bad = ipv4(
+        "10.5.0.66".parse().unwrap(),
+        6,
+        &tcp_header(OUR_PORT, SYN | FIN),
+    );
+    for _ in 0..10 {
+        assert_eq!(filter.run(&bad), XDP_DROP);
+    }
+    assert!(filter.stat("auto_blocked") >= 1);
+    // The block covers every packet of that address, and only that address.
+    assert_eq!(filter.run(&syn_v4("10.5.0.66", OUR_PORT)), XDP_DROP);
+    assert_eq!(filter.run(&syn_v4("10.5.0.67", OUR_PORT)), XDP_PASS);
+    let blocked = filter.pins.blocked().unwrap();
+    let entry = blocked
+        .iter()
+        .find(|b| b.net == "10.5.0.66/32".parse().unwrap())
+        .expect("automatic block listed");
+    assert_eq!(entry.origin, edge_ebpf::BLOCK_AUTO);
+    assert!(entry
+        .remaining
+        .is_some_and(|left| left <= Duration::from_secs(600)));
+}
+
+#[test]
+fn malformed_without_autoblock_only_dropped() {
+    if !bpf_ready() {
+        return;
+    }
+    let filter = Filter::load("noautoblock");
+    let bad = ipv4(
+        "10.5.1.66".parse().unwrap(),
+        6,
+        &tcp_header(OUR_PORT, SYN | FIN),
+    );
+    for _ in 0..10 {
+        assert_eq!(filter.run(&bad), XDP_DROP);
+    }
+    assert_eq!(filter.stat("auto_blocked"), 0);
+    assert!(filter.pins.blocked().unwrap().is_empty());
+    assert_eq!(filter.run(&syn_v4("10.5.1.66", OUR_PORT)), XDP_PASS);
 }
 
 #[test]

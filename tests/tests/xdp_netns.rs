@@ -34,6 +34,9 @@ const LIMITS: Limits = Limits {
     quic_burst: 40,
     v4_prefix_len: 32,
     v6_prefix_len: 64,
+    abuse_rate: 0,
+    abuse_burst: 0,
+    abuse_block_secs: 0,
 };
 
 /// Serialises the tests: each runs an edge with two workers, and two cores do not run several
@@ -91,10 +94,17 @@ struct Lab {
     agent: Option<Child>,
     edge_logs: Arc<Mutex<Vec<String>>>,
     steering: String,
+    agent_args: Vec<String>,
+    limits: Limits,
 }
 
 impl Lab {
     fn start(name: &str, steering: &str) -> Lab {
+        Self::start_with(name, steering, &[], LIMITS)
+    }
+
+    /// Starts a lab whose agent gets `agent_args` and is expected to write `limits`.
+    fn start_with(name: &str, steering: &str, agent_args: &[&str], limits: Limits) -> Lab {
         let id = std::process::id() % 10_000 * 10 + NEXT_LAB.fetch_add(1, Ordering::Relaxed) % 10;
         let mut lab = Lab {
             edge_ns: format!("edge-{name}-e{id}"),
@@ -106,6 +116,8 @@ impl Lab {
             agent: None,
             edge_logs: Arc::default(),
             steering: steering.to_owned(),
+            agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
+            limits,
         };
         let _ = std::fs::remove_dir_all(&lab.dir);
         std::fs::create_dir_all(&lab.dir).unwrap();
@@ -220,6 +232,7 @@ impl Lab {
             .args(["--syn-burst", &LIMITS.syn_burst.to_string()])
             .args(["--quic-rate", &LIMITS.quic_rate.to_string()])
             .args(["--quic-burst", &LIMITS.quic_burst.to_string()])
+            .args(&self.agent_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -273,7 +286,7 @@ impl Lab {
     fn wait_limits(&self) {
         let pins = PinnedMaps::new(&self.pin_dir);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while pins.limits().ok() != Some(LIMITS) {
+        while pins.limits().ok() != Some(self.limits) {
             assert!(
                 Instant::now() < deadline,
                 "the agent did not apply its rate limits"
@@ -557,6 +570,58 @@ fn blocks_survive_edge_restart() {
         thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(lab.request(QUIET), 200, "other client after the restore");
+}
+
+#[test]
+fn malformed_flood_blocks_sender() {
+    if !bpf_enabled() {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let limits = Limits {
+        abuse_rate: 1,
+        abuse_burst: 5,
+        abuse_block_secs: 600,
+        ..LIMITS
+    };
+    let lab = Lab::start_with("abuse", "cpu", &["--auto-block-after", "5"], limits);
+    assert_eq!(lab.request(NOISY), 200, "client before the abuse");
+
+    // 20 TCP segments with SYN and FIN, which no real stack sends, from a raw socket.
+    let script = format!(
+        "import socket, struct\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)\n\
+         s.bind(('{NOISY}', 0))\n\
+         segment = struct.pack('!HHIIBBHHH', 40000, 8443, 1, 0, 5 << 4, 0x03, 64240, 0, 0)\n\
+         for _ in range(20):\n\
+         \x20   s.sendto(segment, ('{EDGE_ADDR}', 0))\n"
+    );
+    let output = lab.in_ns(&lab.client_ns, "python3", &["-c", &script]);
+    assert!(
+        output.status.success(),
+        "raw socket script failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    assert!(lab.counter(r#"edge_xdp_packets_total{reason="auto_blocked"}"#) >= 1);
+    assert_eq!(
+        lab.request(NOISY),
+        0,
+        "abusing client still reaches the edge"
+    );
+    assert_eq!(
+        lab.request(QUIET),
+        200,
+        "other client cut by the automatic block"
+    );
+    let listed = lab.edgectl_ok(&["blocked"]);
+    let line = listed
+        .lines()
+        .find(|line| line.starts_with("10.211.0.2/32"))
+        .unwrap_or_else(|| panic!("automatic block not listed:\n{listed}"));
+    assert!(line.ends_with("auto"), "{line}");
 }
 
 // TODO: QUIC steering by connection ID (a migrated connection keeps its worker) is tested

@@ -31,6 +31,9 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     quic_burst: 400,
     v4_prefix_len: 32,
     v6_prefix_len: 64,
+    abuse_rate: 0,
+    abuse_burst: 0,
+    abuse_block_secs: 0,
 };
 
 /// Definition of a pinned map, to tell whether an existing pin can be reused.
