@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{bail, Context as _};
 use aya::{
     maps::{Array, HashMap, MapInfo, MapType, PerCpuArray, ReusePortSockArray},
-    programs::{SkReuseport, Xdp, XdpMode},
+    programs::{ProgramError, SkReuseport, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 use edge_ebpf::{Limits, PortKey, SteerConfig};
@@ -247,6 +247,9 @@ pub fn attach_xdp(ebpf: &mut Ebpf, iface: &str, mode: XdpModeArg) -> anyhow::Res
         }
         XdpModeArg::Auto => match program.attach(iface, XdpMode::Driver) {
             Ok(_) => Ok("native"),
+            Err(e @ ProgramError::UnknownInterface { .. }) => {
+                Err(e).with_context(|| format!("cannot attach XDP to {iface}"))
+            }
             Err(native) => {
                 warn!(iface, error = %native, "native XDP unavailable, attaching in SKB (generic) mode");
                 program.attach(iface, XdpMode::Skb).with_context(|| {
