@@ -483,7 +483,7 @@ fn syn_flood_spares_other_client() {
     let flood = {
         let lab = &lab;
         thread::scope(|scope| {
-            let flood = scope.spawn(move || syn_flood(lab, NOISY, 2000, 3));
+            let flood = scope.spawn(move || syn_flood(lab, NOISY, 900, 3));
             // While the flood runs and after, the quiet client is served.
             for _ in 0..5 {
                 assert_eq!(lab.request(QUIET), 200, "quiet client during the flood");
@@ -497,8 +497,9 @@ fn syn_flood_spares_other_client() {
         String::from_utf8_lossy(&flood.stderr)
     );
     let dropped = lab.counter(r#"edge_xdp_packets_total{reason="drop_syn_rate"}"#);
-    // 2000 SYNs against a bucket of 40 plus 20 per second.
-    assert!(dropped >= 1000, "only {dropped} SYNs dropped");
+    // 900 SYNs (under the usual limit of 1024 open files) against a bucket of 40 plus 20 per
+    // second, plus their retransmissions.
+    assert!(dropped >= 500, "only {dropped} SYNs dropped");
     assert_eq!(lab.request(QUIET), 200, "quiet client after the flood");
     // Both workers are pinned, so every CPU that received a SYN has a worker to take it.
     let on_cpu = lab.counter(r#"edge_xdp_packets_total{reason="steer_cpu"}"#);
