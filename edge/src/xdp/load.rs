@@ -330,6 +330,9 @@ pub fn attach_steering(
             0,
         )?;
     }
+    // TODO: once HTTP/3 listens, its UDP sockets need a third socket array and a selector that
+    // reads the worker id from the QUIC destination connection ID; until then a migrated QUIC
+    // connection could land on another worker.
     for (name, group) in [
         (edge_ebpf::PROGRAM_STEER_HTTP, listeners.http),
         (edge_ebpf::PROGRAM_STEER_HTTPS, listeners.https),
