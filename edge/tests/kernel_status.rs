@@ -1,5 +1,5 @@
-//! The edge without its kernel programs: it serves, and its log and /metrics say why the XDP
-//! filter or the steering is not running. Runs as any user.
+//! The edge without its kernel programs: it serves, and its log and /metrics give the reason
+//! the XDP filter or the steering is not running. Runs as any user.
 
 mod common;
 
