@@ -1,9 +1,12 @@
-//! The XDP filter on crafted frames, run by the kernel through BPF_PROG_TEST_RUN.
+//! The XDP filter on crafted frames, run by the kernel through BPF_PROG_TEST_RUN, and the
+//! edge's handling of a pinned map that no longer matches its own.
 //!
 //! These tests need root and the eBPF object that build.rs compiles when clang and
 //! libbpf-dev are installed. `cargo xtask test` installs both and sets `EDGE_E2E_BPF=1`, which
 //! turns a missing prerequisite into a failure; without it the tests print that they were
 //! skipped.
+
+mod common;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -584,4 +587,39 @@ fn truncated_headers_handled() {
         XDP_DROP
     );
     assert!(filter.stat("pass_unparsed") > 0);
+}
+
+#[test]
+fn incompatible_pin_replaced_by_edge() {
+    if !bpf_ready() {
+        return;
+    }
+    // A hash map pinned where the edge expects its limits array, as after an upgrade that
+    // changed the map.
+    let source = Filter::load("stalepin-source");
+    let dir = PathBuf::from(format!(
+        "/sys/fs/bpf/edge-test-stalepin-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    source
+        .ebpf
+        .map(edge_ebpf::MAP_PORTS)
+        .unwrap()
+        .pin(dir.join(edge_ebpf::MAP_LIMITS))
+        .unwrap();
+
+    let backend = common::Backend::start("b");
+    let edge = common::Edge::start(
+        "stalepin",
+        &common::routes_yaml(&[("app", "Host(`t`)", &backend.url())]),
+        &["--bpf-pin-dir", dir.to_str().unwrap()],
+    );
+    edge.expect_log("replacing a pinned map", Duration::from_secs(5));
+    edge.expect_metric(r#"edge_ebpf_program_state{program="steering",state="running""#);
+    let limits = PinnedMaps::new(&dir).limits().expect("a new limits map");
+    assert_eq!(limits.syn_rate, 200, "default limits in the new map");
+    drop(edge);
+    let _ = std::fs::remove_dir_all(&dir);
 }
