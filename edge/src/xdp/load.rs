@@ -232,6 +232,8 @@ pub fn attach_xdp(ebpf: &mut Ebpf, iface: &str, mode: XdpModeArg) -> anyhow::Res
     program
         .load()
         .context("the kernel rejected the XDP program")?;
+    // NOTE: aya attaches through a BPF link, which detaches when the edge dies. On kernels
+    // before 5.9 it falls back to netlink, and a crashed edge's program then stays attached.
     match mode {
         XdpModeArg::Native => {
             program
