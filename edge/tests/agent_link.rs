@@ -146,3 +146,46 @@ fn routes_file_and_socket_are_exclusive() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("cannot be combined"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn acme_http01_answered_before_redirect() {
+    let backend = Backend::start("site");
+    let dir = common::temp_dir("agent-acme-http01");
+    let edge = start(&dir);
+    let mut snapshot = snapshot_json(3, "Host(`t`)", &backend.url());
+    // The router is on `websecure` only, so plain HTTP for `t` is redirected.
+    snapshot["routers"][0]["entrypoints"] = serde_json::json!(["websecure"]);
+    snapshot["routers"][0]["tls"] = serde_json::json!(true);
+    snapshot["acme_challenges"] = serde_json::json!({
+        "http01": [{"token": "tok-en_1", "key_authorization": "tok-en_1.thumb"}]
+    });
+    let reply = push(
+        &dir.join("edge.sock"),
+        serde_json::json!({"type": "apply", "snapshot": snapshot}),
+    );
+    assert_eq!(reply["type"], "applied", "{reply}");
+
+    let challenge = request(
+        edge.http,
+        "GET /.well-known/acme-challenge/tok-en_1 HTTP/1.1\r\nHost: any.test\r\n\r\n",
+    );
+    assert_eq!(challenge.status, 200);
+    assert_eq!(challenge.text(), "tok-en_1.thumb");
+
+    let unknown = request(
+        edge.http,
+        "GET /.well-known/acme-challenge/other HTTP/1.1\r\nHost: t\r\n\r\n",
+    );
+    assert_eq!(unknown.status, 308);
+
+    let invalid = serde_json::json!({
+        "type": "apply",
+        "snapshot": {
+            "version": 4, "routers": [], "services": [],
+            "acme_challenges": {"http01": [{"token": "a/b", "key_authorization": "x"}]}
+        }
+    });
+    let reply = push(&dir.join("edge.sock"), invalid);
+    assert_eq!(reply["type"], "rejected", "{reply}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
