@@ -32,6 +32,8 @@ pub enum CtlRequest {
     },
     /// Re-read the routes file and push a fresh snapshot.
     Reload,
+    /// List the certificates that routers request from ACME resolvers.
+    Certs,
 }
 
 /// The answer to one request.

@@ -10,6 +10,7 @@ use std::{
 
 use clap::Parser;
 use edge_agent::{
+    acme::{self, ChallengeKind, KeyType, ResolverConfig},
     ctl,
     desired::AgentOptions,
     docker::{self, DockerView},
@@ -57,6 +58,34 @@ struct Args {
     /// Failing probes before a backend stops receiving traffic.
     #[arg(long, env = "EDGE_PROBE_FALL", default_value_t = 3)]
     probe_fall: u32,
+    /// Name of the ACME certificate resolver that routers name in tls.certresolver.
+    #[arg(long, env = "ACME_RESOLVER", default_value = "le")]
+    acme_resolver: String,
+    /// ACME directory URL; without it no certificate is ordered. Let's Encrypt:
+    /// https://acme-v02.api.letsencrypt.org/directory
+    #[arg(long, env = "ACME_DIRECTORY_URL")]
+    acme_directory_url: Option<String>,
+    /// Contact email of the ACME account.
+    #[arg(long, env = "ACME_EMAIL")]
+    acme_email: Option<String>,
+    /// Challenge type: http-01 (port 80) or tls-alpn-01 (port 443).
+    #[arg(long, env = "ACME_CHALLENGE", default_value = "http-01")]
+    acme_challenge: ChallengeKind,
+    /// Key type of ordered certificates: ec256 (ECDSA P-256) or ec384.
+    #[arg(long, env = "ACME_KEY_TYPE", default_value = "ec256")]
+    acme_key_type: KeyType,
+    /// Extra trusted CA certificates (PEM) for the ACME directory's HTTPS, for test CAs.
+    #[arg(long, env = "ACME_CA_BUNDLE")]
+    acme_ca_bundle: Option<PathBuf>,
+    /// ACME storage: account and certificates [default: STATE_DIR/acme].
+    #[arg(long, env = "ACME_STORAGE")]
+    acme_storage: Option<PathBuf>,
+    /// Wait after a failed ACME order; it doubles with each further failure.
+    #[arg(long, env = "ACME_RETRY_BASE", default_value = "5m", value_parser = humantime::parse_duration)]
+    acme_retry_base: std::time::Duration,
+    /// Maximum wait between ACME orders after failures.
+    #[arg(long, env = "ACME_RETRY_MAX", default_value = "6h", value_parser = humantime::parse_duration)]
+    acme_retry_max: std::time::Duration,
     /// Log format on stderr.
     #[arg(long, env = "EDGE_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
     log_format: String,
@@ -164,11 +193,38 @@ async fn run(args: Args) -> Result<(), String> {
         control_socket = %control_path.display(),
         "agent started"
     );
+    let resolvers = match &args.acme_directory_url {
+        Some(directory_url) => {
+            info!(
+                resolver = %args.acme_resolver,
+                directory = %directory_url,
+                challenge = args.acme_challenge.name(),
+                "ACME certificate resolver configured"
+            );
+            vec![ResolverConfig {
+                name: args.acme_resolver.clone(),
+                directory_url: directory_url.clone(),
+                email: args.acme_email.clone().filter(|e| !e.is_empty()),
+                challenge: args.acme_challenge,
+                key_type: args.acme_key_type,
+                ca_bundle: args.acme_ca_bundle.clone(),
+                storage: args
+                    .acme_storage
+                    .clone()
+                    .unwrap_or_else(|| args.state_dir.join("acme")),
+                retry_base: args.acme_retry_base,
+                retry_max: args.acme_retry_max.max(args.acme_retry_base),
+            }]
+        }
+        None => Vec::new(),
+    };
+    let acme = acme::start(resolvers, changed_tx.clone());
     let reconciler = Reconciler::new(
         settings,
         docker_view,
         EdgeLink::new(edge_socket),
         changed_tx,
+        acme,
     );
     tokio::select! {
         () = reconciler.run(changed_rx, calls_rx) => {}

@@ -20,6 +20,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("openssl", "openssl"),
     ("dockerd", "docker.io"),
+    // The ACME tests run pebble and pebble-challtestsrv, which come in one package.
+    ("pebble", "pebble"),
 ];
 
 fn main() -> ExitCode {
@@ -66,6 +68,7 @@ fn test() -> anyhow::Result<()> {
         .current_dir(&root)
         .args(["test", "--workspace", "--locked"])
         .env("EDGE_E2E_DOCKER", "1")
+        .env("EDGE_E2E_PEBBLE", "1")
         .env("DOCKER_HOST", docker::docker_host())
         .env("EDGE_E2E_DOCKERD_ARGS", docker::dockerd_args().join(" "))
         .env("EDGE_E2E_DOCKERD_LOG", &log));

@@ -1,0 +1,786 @@
+//! Certificates by ACME: the resolver settings, the manager task that orders and renews
+//! certificates, and the state it shares with the main loop.
+//!
+//! ```text
+//! main loop ── requested names ──> manager ── order task per certificate ──> CA
+//!     ^                               │ certificates, challenge responses
+//!     └──── changed (rebuild) ────────┘ (the main loop puts them in the next snapshot)
+//! ```
+//!
+//! The manager never blocks the main loop: orders run in their own tasks, and the main loop
+//! only reads the shared state. An order publishes its challenge responses, then waits until
+//! the main loop reports that the edge applied a snapshot that contains them, and only then
+//! asks the CA to validate.
+//!
+//! Rate limits: a certificate in storage that covers the names and is before its renewal time
+//! is reused, so restarts never order. Each order start is recorded on disk with its backoff
+//! before any request goes to the CA, so a crash loop waits as long as failures do.
+
+pub mod order;
+pub mod store;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use edge_proto::{AcmeChallenges, CertificatePem};
+use serde::Serialize;
+use tokio::{sync::watch, task::JoinSet};
+use tracing::{error, info, warn};
+
+use crate::desired::CertificateRequest;
+use order::{ChallengeSink, OrderError, Responses};
+use store::{cert_id, RetryState, Store, StoredCert};
+
+/// Maximum wait for the edge to serve published challenge responses.
+const EDGE_APPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Maximum time between two checks of renewal times.
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+/// Maximum time one order may take, from the first request to the downloaded chain.
+const ORDER_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The ACME challenge the CA validates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChallengeKind {
+    /// `GET http://NAME/.well-known/acme-challenge/TOKEN` on port 80.
+    Http01,
+    /// A TLS handshake with ALPN `acme-tls/1` on port 443.
+    TlsAlpn01,
+}
+
+impl ChallengeKind {
+    /// Returns the ACME name of the challenge type.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChallengeKind::Http01 => "http-01",
+            ChallengeKind::TlsAlpn01 => "tls-alpn-01",
+        }
+    }
+}
+
+impl std::str::FromStr for ChallengeKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "http-01" | "http01" | "http" => Ok(ChallengeKind::Http01),
+            "tls-alpn-01" | "tlsalpn01" | "tls-alpn" => Ok(ChallengeKind::TlsAlpn01),
+            _ => Err(format!(
+                "invalid challenge type {s:?}; use http-01 or tls-alpn-01"
+            )),
+        }
+    }
+}
+
+/// The key type of ordered certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyType {
+    EcdsaP256,
+    EcdsaP384,
+}
+
+impl KeyType {
+    fn algorithm(self) -> &'static rcgen::SignatureAlgorithm {
+        match self {
+            KeyType::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            KeyType::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+        }
+    }
+}
+
+impl std::str::FromStr for KeyType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "ec256" | "p256" | "ecdsa-p256" => Ok(KeyType::EcdsaP256),
+            "ec384" | "p384" | "ecdsa-p384" => Ok(KeyType::EcdsaP384),
+            // NOTE: ring, the only crypto provider in this build, cannot generate RSA keys.
+            _ => Err(format!(
+                "invalid key type {s:?}; use ec256 (ECDSA P-256) or ec384 (ECDSA P-384)"
+            )),
+        }
+    }
+}
+
+/// One ACME resolver, as routers name it in `tls.certresolver`.
+#[derive(Debug, Clone)]
+pub struct ResolverConfig {
+    /// The name routers use, such as `le`.
+    pub name: String,
+    /// The CA's directory URL.
+    pub directory_url: String,
+    /// Contact address for the account, without `mailto:`.
+    pub email: Option<String>,
+    pub challenge: ChallengeKind,
+    pub key_type: KeyType,
+    /// Extra trusted roots for the directory's HTTPS certificate, in PEM.
+    pub ca_bundle: Option<PathBuf>,
+    /// Storage directory; each resolver uses a subdirectory named after it.
+    pub storage: PathBuf,
+    /// Wait after the first failed order; it doubles with each further failure.
+    pub retry_base: Duration,
+    /// Maximum wait between orders after failures.
+    pub retry_max: Duration,
+}
+
+/// The state of one requested certificate, as `edgectl certs` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CertStatus {
+    /// Names on the certificate, main name first.
+    pub names: Vec<String>,
+    pub resolver: String,
+    pub routers: Vec<String>,
+    /// Common name of the issuer of the served certificate.
+    pub issuer: Option<String>,
+    /// notAfter of the served certificate, Unix seconds.
+    pub not_after_unix: Option<i64>,
+    /// When the served certificate is renewed, Unix seconds.
+    pub renew_at_unix: Option<i64>,
+    /// `valid`, `ordering`, `renewing`, `failed`, `renewal failed` or `disabled`.
+    pub status: String,
+    pub last_error: Option<String>,
+    /// When the next order may start after failures, Unix seconds.
+    pub next_retry_unix: Option<i64>,
+}
+
+/// A certificate being tracked by the manager.
+#[derive(Debug)]
+struct Entry {
+    id: String,
+    resolver: String,
+    names: Vec<String>,
+    routers: Vec<String>,
+    served: Option<Served>,
+    retry: RetryState,
+    running: bool,
+    /// Reason no order can run, such as an unknown resolver or a wildcard name.
+    disabled: Option<String>,
+}
+
+/// The served certificate of an entry and what the agent read from it.
+#[derive(Debug, Clone)]
+struct Served {
+    pem: CertificatePem,
+    issuer: Option<String>,
+    not_before: i64,
+    not_after: i64,
+}
+
+impl Served {
+    /// Returns the renewal time: two thirds into the validity period.
+    fn renew_at(&self) -> i64 {
+        self.not_before + (self.not_after - self.not_before) * 2 / 3
+    }
+}
+
+/// State shared by the manager, its order tasks and the main loop.
+#[derive(Debug, Default)]
+struct SharedState {
+    entries: BTreeMap<String, Entry>,
+    /// Challenge responses by certificate id.
+    challenges: BTreeMap<String, Responses>,
+    /// Increases whenever `challenges` changes.
+    challenge_generation: u64,
+}
+
+/// The main loop's handle on the ACME manager.
+#[derive(Clone)]
+pub struct AcmeHandle {
+    shared: Arc<Mutex<SharedState>>,
+    requests: watch::Sender<Vec<CertificateRequest>>,
+    applied: watch::Sender<u64>,
+    configured: bool,
+}
+
+/// The ACME parts of a snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotParts {
+    pub certificates: Vec<CertificatePem>,
+    pub challenges: AcmeChallenges,
+    /// Report this to [`AcmeHandle::applied`] once the edge applied the snapshot.
+    pub challenge_generation: u64,
+}
+
+impl AcmeHandle {
+    /// Returns whether any resolver is configured.
+    pub fn is_configured(&self) -> bool {
+        self.configured
+    }
+
+    /// Sets the certificates that routers request. Orders start for new ones; certificates no
+    /// longer requested leave the snapshot (their files stay on disk).
+    pub fn set_requests(&self, requests: &[CertificateRequest]) {
+        self.requests.send_if_modified(|current| {
+            if current.as_slice() == requests {
+                false
+            } else {
+                *current = requests.to_vec();
+                true
+            }
+        });
+    }
+
+    /// Returns the certificates to serve and the pending challenge responses.
+    pub fn snapshot_parts(&self) -> SnapshotParts {
+        let shared = lock(&self.shared);
+        let mut certificates: Vec<CertificatePem> = shared
+            .entries
+            .values()
+            .filter_map(|entry| entry.served.as_ref().map(|s| s.pem.clone()))
+            .collect();
+        certificates.sort_by(|a, b| a.origin.cmp(&b.origin));
+        let mut challenges = AcmeChallenges::default();
+        for responses in shared.challenges.values() {
+            challenges.http01.extend(responses.http01.iter().cloned());
+            challenges
+                .tls_alpn01
+                .extend(responses.tls_alpn01.iter().cloned());
+        }
+        SnapshotParts {
+            certificates,
+            challenges,
+            challenge_generation: shared.challenge_generation,
+        }
+    }
+
+    /// Records that the edge serves a snapshot built from `challenge_generation`.
+    pub fn applied(&self, challenge_generation: u64) {
+        self.applied.send_if_modified(|current| {
+            let newer = challenge_generation > *current;
+            if newer {
+                *current = challenge_generation;
+            }
+            newer
+        });
+    }
+
+    /// Returns the status of every requested certificate, sorted by main name.
+    pub fn status(&self) -> Vec<CertStatus> {
+        let shared = lock(&self.shared);
+        let mut rows: Vec<CertStatus> = shared.entries.values().map(status_of).collect();
+        rows.sort_by(|a, b| a.names.cmp(&b.names));
+        rows
+    }
+}
+
+fn status_of(entry: &Entry) -> CertStatus {
+    let status = if let Some(reason) = &entry.disabled {
+        let _ = reason;
+        "disabled"
+    } else {
+        match (
+            &entry.served,
+            entry.running,
+            entry.retry.last_error.is_some(),
+        ) {
+            (None, true, _) => "ordering",
+            (Some(_), true, _) => "renewing",
+            (None, false, true) => "failed",
+            (None, false, false) => "pending",
+            (Some(_), false, true) => "renewal failed",
+            (Some(_), false, false) => "valid",
+        }
+    };
+    CertStatus {
+        names: entry.names.clone(),
+        resolver: entry.resolver.clone(),
+        routers: entry.routers.clone(),
+        issuer: entry.served.as_ref().and_then(|s| s.issuer.clone()),
+        not_after_unix: entry.served.as_ref().map(|s| s.not_after),
+        renew_at_unix: entry.served.as_ref().map(Served::renew_at),
+        status: status.to_owned(),
+        last_error: entry
+            .disabled
+            .clone()
+            .or_else(|| entry.retry.last_error.clone()),
+        next_retry_unix: if entry.retry.last_error.is_some() {
+            entry.retry.next_attempt_unix
+        } else {
+            None
+        },
+    }
+}
+
+/// Starts the manager task for `resolvers` and returns its handle. `changed` is bumped when
+/// certificates or challenge responses change, so the main loop rebuilds the snapshot.
+pub fn start(resolvers: Vec<ResolverConfig>, changed: watch::Sender<u64>) -> AcmeHandle {
+    let (requests_tx, requests_rx) = watch::channel(Vec::new());
+    let (applied_tx, applied_rx) = watch::channel(0);
+    let shared = Arc::new(Mutex::new(SharedState::default()));
+    let handle = AcmeHandle {
+        shared: shared.clone(),
+        requests: requests_tx,
+        applied: applied_tx,
+        configured: !resolvers.is_empty(),
+    };
+    let manager = Manager {
+        resolvers: resolvers
+            .into_iter()
+            .map(|config| {
+                let store = Store::new(&config.storage, &config.name);
+                (
+                    config.name.clone(),
+                    Arc::new(Resolver {
+                        config,
+                        store,
+                        account: tokio::sync::Mutex::new(None),
+                    }),
+                )
+            })
+            .collect(),
+        shared,
+        changed,
+        applied: applied_rx,
+    };
+    tokio::spawn(manager.run(requests_rx));
+    handle
+}
+
+/// A configured resolver with its storage and its account, registered on first use.
+struct Resolver {
+    config: ResolverConfig,
+    store: Store,
+    account: tokio::sync::Mutex<Option<instant_acme::Account>>,
+}
+
+struct Manager {
+    resolvers: BTreeMap<String, Arc<Resolver>>,
+    shared: Arc<Mutex<SharedState>>,
+    changed: watch::Sender<u64>,
+    applied: watch::Receiver<u64>,
+}
+
+impl Manager {
+    async fn run(self, mut requests: watch::Receiver<Vec<CertificateRequest>>) {
+        let mut orders: JoinSet<()> = JoinSet::new();
+        loop {
+            let current = requests.borrow_and_update().clone();
+            if self.sync(&current) {
+                self.notify();
+            }
+            let sleep = self.start_due_orders(&mut orders);
+            tokio::select! {
+                result = requests.changed() => {
+                    if result.is_err() {
+                        return;
+                    }
+                }
+                Some(_) = orders.join_next(), if !orders.is_empty() => {}
+                () = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Makes the entries match `requests`: loads stored certificates and retry states for new
+    /// ones and drops the others. Returns whether the served certificates changed.
+    fn sync(&self, requests: &[CertificateRequest]) -> bool {
+        let mut shared = lock(&self.shared);
+        let mut wanted = BTreeSet::new();
+        let mut changed = false;
+        for request in requests {
+            let id = format!("{}/{}", request.resolver, cert_id(&request.names));
+            wanted.insert(id.clone());
+            if let Some(entry) = shared.entries.get_mut(&id) {
+                entry.routers = request.routers.clone();
+                continue;
+            }
+            let entry = self.load_entry(id.clone(), request);
+            changed |= entry.served.is_some();
+            shared.entries.insert(id, entry);
+        }
+        let before = shared.entries.len();
+        shared
+            .entries
+            .retain(|id, entry| wanted.contains(id) || entry.running);
+        changed | (shared.entries.len() != before)
+    }
+
+    fn load_entry(&self, id: String, request: &CertificateRequest) -> Entry {
+        let mut entry = Entry {
+            id,
+            resolver: request.resolver.clone(),
+            names: request.names.clone(),
+            routers: request.routers.clone(),
+            served: None,
+            retry: RetryState::default(),
+            running: false,
+            disabled: None,
+        };
+        let Some(resolver) = self.resolvers.get(&request.resolver) else {
+            entry.disabled = Some(format!(
+                "certificate resolver {:?} is not configured; set ACME_DIRECTORY_URL (resolver name: ACME_RESOLVER)",
+                request.resolver
+            ));
+            return entry;
+        };
+        if let Some(name) = request.names.iter().find(|n| n.contains('*')) {
+            entry.disabled = Some(format!(
+                "{name} is a wildcard, which needs the DNS-01 challenge; only {} is configured",
+                resolver.config.challenge.name()
+            ));
+            return entry;
+        }
+        let file_id = cert_id(&request.names);
+        match resolver.store.load_retry(&file_id) {
+            Ok(retry) => entry.retry = retry,
+            Err(e) => warn!(error = %e, "cannot read the ACME retry state; starting afresh"),
+        }
+        match resolver.store.load_cert(&file_id) {
+            Ok(Some(stored)) => match inspect(&stored, &request.names, &resolver.config.name) {
+                Ok(served) if served.not_after > now_unix() => {
+                    info!(names = ?request.names, not_after = served.not_after, "stored certificate reused");
+                    entry.served = Some(served);
+                }
+                Ok(_) => {
+                    info!(names = ?request.names, "stored certificate has expired; ordering a new one")
+                }
+                Err(reason) => {
+                    warn!(names = ?request.names, reason, "stored certificate not usable; ordering a new one")
+                }
+            },
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "cannot read the stored certificate"),
+        }
+        entry
+    }
+
+    /// Starts an order for every entry that has no valid certificate or is due for renewal,
+    /// unless its backoff is running. Returns how long to sleep until the next due time.
+    fn start_due_orders(&self, orders: &mut JoinSet<()>) -> Duration {
+        let now = now_unix();
+        let mut next_due = now + MAX_SLEEP.as_secs() as i64;
+        let mut to_start = Vec::new();
+        {
+            let mut shared = lock(&self.shared);
+            for entry in shared.entries.values_mut() {
+                if entry.running || entry.disabled.is_some() {
+                    continue;
+                }
+                let Some(resolver) = self.resolvers.get(&entry.resolver) else {
+                    continue;
+                };
+                let due = entry.served.as_ref().map_or(now, Served::renew_at);
+                let allowed = entry.retry.next_attempt_unix.unwrap_or(0);
+                let start_at = due.max(allowed);
+                if start_at > now {
+                    next_due = next_due.min(start_at);
+                    continue;
+                }
+                // Record the attempt and its backoff before any request reaches the CA.
+                entry.retry.failures = entry.retry.failures.saturating_add(1);
+                let delay = backoff(&resolver.config, entry.retry.failures);
+                entry.retry.next_attempt_unix = Some(now + delay.as_secs() as i64);
+                entry.retry.last_attempt_unix = Some(now);
+                let file_id = cert_id(&entry.names);
+                if let Err(e) = resolver.store.save_retry(&file_id, &entry.retry) {
+                    // Without a record on disk a crash loop could order again and again.
+                    error!(error = %e, names = ?entry.names, "cannot record the ACME attempt; not ordering until storage is writable");
+                    entry.retry.last_error = Some(format!("storage is not writable: {e}"));
+                    next_due = next_due.min(now + delay.as_secs() as i64);
+                    continue;
+                }
+                entry.running = true;
+                to_start.push((
+                    entry.id.clone(),
+                    entry.names.clone(),
+                    resolver.clone(),
+                    entry.served.is_some(),
+                ));
+            }
+        }
+        for (id, names, resolver, renewing) in to_start {
+            let task = OrderTask {
+                id,
+                names,
+                resolver,
+                renewing,
+                shared: self.shared.clone(),
+                changed: self.changed.clone(),
+                applied: self.applied.clone(),
+            };
+            orders.spawn(task.run());
+        }
+        Duration::from_secs(next_due.saturating_sub(now).max(1) as u64)
+    }
+}
+
+/// Returns the wait after `failures` failed orders: `retry_base` doubled per further failure,
+/// at most `retry_max`.
+fn backoff(config: &ResolverConfig, failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(30);
+    config
+        .retry_base
+        .saturating_mul(1u32 << doublings)
+        .min(config.retry_max)
+}
+
+/// One running order.
+struct OrderTask {
+    id: String,
+    names: Vec<String>,
+    resolver: Arc<Resolver>,
+    renewing: bool,
+    shared: Arc<Mutex<SharedState>>,
+    changed: watch::Sender<u64>,
+    applied: watch::Receiver<u64>,
+}
+
+impl OrderTask {
+    async fn run(self) {
+        let config = &self.resolver.config;
+        info!(names = ?self.names, resolver = %config.name, renewing = self.renewing, "ordering a certificate");
+        let result = tokio::time::timeout(ORDER_TIMEOUT, self.order()).await;
+        let result = match result {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("the order took longer than {ORDER_TIMEOUT:?}")),
+        };
+        let file_id = cert_id(&self.names);
+        let mut notify = self.clear_challenges();
+        let outcome = result.and_then(|pem| {
+            let stored = StoredCert {
+                chain_pem: pem.chain_pem,
+                key_pem: pem.key_pem,
+            };
+            let served = inspect(&stored, &self.names, &config.name)?;
+            self.resolver
+                .store
+                .save_cert(&file_id, &stored)
+                .map_err(|e| format!("the certificate was issued but cannot be stored: {e}"))?;
+            Ok(served)
+        });
+        let mut shared = lock(&self.shared);
+        let Some(entry) = shared.entries.get_mut(&self.id) else {
+            return;
+        };
+        entry.running = false;
+        match outcome {
+            Ok(served) => {
+                info!(names = ?self.names, not_after = served.not_after, issuer = ?served.issuer, "certificate issued");
+                entry.retry = RetryState::default();
+                entry.served = Some(served);
+                notify = true;
+            }
+            Err(message) => {
+                let next = entry.retry.next_attempt_unix.unwrap_or(0);
+                error!(names = ?self.names, error = %message, next_retry_unix = next, "ACME order failed");
+                entry.retry.last_error = Some(message);
+            }
+        }
+        if let Err(e) = self.resolver.store.save_retry(&file_id, &entry.retry) {
+            error!(error = %e, "cannot store the ACME retry state");
+        }
+        drop(shared);
+        if notify {
+            self.changed.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    async fn order(&self) -> Result<CertificatePem, OrderError> {
+        let config = &self.resolver.config;
+        let account = {
+            let mut slot = self.resolver.account.lock().await;
+            match slot.as_ref() {
+                Some(account) => account.clone(),
+                None => {
+                    let account = order::account(
+                        &self.resolver.store,
+                        &config.directory_url,
+                        config.email.as_deref(),
+                        config.ca_bundle.as_deref(),
+                    )
+                    .await?;
+                    *slot = Some(account.clone());
+                    account
+                }
+            }
+        };
+        order::order_certificate(
+            &account,
+            &self.names,
+            config.challenge,
+            config.key_type,
+            self,
+        )
+        .await
+    }
+
+    /// Removes this order's challenge responses. Returns whether there were any.
+    fn clear_challenges(&self) -> bool {
+        let mut shared = lock(&self.shared);
+        if shared.challenges.remove(&self.id).is_some() {
+            shared.challenge_generation += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl ChallengeSink for OrderTask {
+    async fn publish(&self, responses: Responses) -> Result<(), OrderError> {
+        let generation = {
+            let mut shared = lock(&self.shared);
+            shared.challenges.insert(self.id.clone(), responses);
+            shared.challenge_generation += 1;
+            shared.challenge_generation
+        };
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+        let mut applied = self.applied.clone();
+        let served = tokio::time::timeout(
+            EDGE_APPLY_TIMEOUT,
+            applied.wait_for(|current| *current >= generation),
+        )
+        .await
+        .is_ok_and(|result| result.is_ok());
+        if served {
+            Ok(())
+        } else {
+            Err(OrderError::EdgeNotReady(EDGE_APPLY_TIMEOUT))
+        }
+    }
+}
+
+/// Parses a stored or issued certificate and checks that its leaf covers `names` and that its
+/// key matches.
+fn inspect(stored: &StoredCert, names: &[String], resolver: &str) -> Result<Served, String> {
+    use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let leaf = CertificateDer::pem_slice_iter(stored.chain_pem.as_bytes())
+        .next()
+        .ok_or("no certificate in the chain")?
+        .map_err(|e| format!("invalid chain PEM: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(stored.key_pem.as_bytes())
+        .map_err(|e| format!("invalid key PEM: {e}"))?;
+    let signing_key = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| format!("unsupported key: {e}"))?;
+    let certified = rustls::sign::CertifiedKey::new(vec![leaf.clone()], signing_key);
+    certified
+        .keys_match()
+        .map_err(|_| "the key does not match the certificate".to_owned())?;
+
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| format!("cannot parse the certificate: {e}"))?;
+    let mut covered = BTreeSet::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
+                covered.insert(dns.to_ascii_lowercase());
+            }
+        }
+    }
+    if let Some(missing) = names.iter().find(|n| !covered.contains(*n)) {
+        return Err(format!("the certificate does not cover {missing}"));
+    }
+    let issuer = cert
+        .issuer()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned);
+    Ok(Served {
+        pem: CertificatePem {
+            chain_pem: stored.chain_pem.clone(),
+            key_pem: stored.key_pem.clone(),
+            origin: format!("acme:{resolver}:{}", names.join(",")),
+        },
+        issuer,
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn lock(shared: &Mutex<SharedState>) -> std::sync::MutexGuard<'_, SharedState> {
+    shared
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ResolverConfig {
+        ResolverConfig {
+            name: "le".into(),
+            directory_url: "https://127.0.0.1:1/dir".into(),
+            email: None,
+            challenge: ChallengeKind::Http01,
+            key_type: KeyType::EcdsaP256,
+            ca_bundle: None,
+            storage: PathBuf::from("/nonexistent"),
+            retry_base: Duration::from_secs(60),
+            retry_max: Duration::from_secs(3600),
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_cap() {
+        let config = config();
+        assert_eq!(backoff(&config, 1), Duration::from_secs(60));
+        assert_eq!(backoff(&config, 2), Duration::from_secs(120));
+        assert_eq!(backoff(&config, 4), Duration::from_secs(480));
+        assert_eq!(backoff(&config, 7), Duration::from_secs(3600));
+        assert_eq!(backoff(&config, u32::MAX), Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn renewal_at_two_thirds() {
+        let served = Served {
+            pem: CertificatePem {
+                chain_pem: String::new(),
+                key_pem: String::new(),
+                origin: String::new(),
+            },
+            issuer: None,
+            not_before: 1_000,
+            not_after: 1_000 + 90,
+        };
+        assert_eq!(served.renew_at(), 1_060);
+    }
+
+    #[test]
+    fn inspect_checks_names_and_key() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let params = rcgen::CertificateParams::new(vec!["a.test".into(), "b.test".into()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let stored = StoredCert {
+            chain_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        };
+        let names = vec!["a.test".to_owned(), "b.test".to_owned()];
+        assert!(inspect(&stored, &names, "le").is_ok());
+        let more = vec!["a.test".to_owned(), "c.test".to_owned()];
+        assert_eq!(
+            inspect(&stored, &more, "le").unwrap_err(),
+            "the certificate does not cover c.test"
+        );
+        let other_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mismatched = StoredCert {
+            chain_pem: cert.pem(),
+            key_pem: other_key.serialize_pem(),
+        };
+        assert!(inspect(&mismatched, &names, "le").is_err());
+    }
+
+    #[test]
+    fn parse_challenge_and_key_type() {
+        assert_eq!("http-01".parse(), Ok(ChallengeKind::Http01));
+        assert_eq!("TLS-ALPN-01".parse(), Ok(ChallengeKind::TlsAlpn01));
+        assert!("dns-01".parse::<ChallengeKind>().is_err());
+        assert_eq!("ec384".parse(), Ok(KeyType::EcdsaP384));
+        assert!("rsa2048".parse::<KeyType>().is_err());
+    }
+}
