@@ -172,6 +172,8 @@ struct Served {
 
 impl Served {
     /// Returns the renewal time: two thirds into the validity period.
+    // NOTE: ACME renewal information (ARI) is not used: Debian's pebble 2.4 does not offer it,
+    // so it could not be tested here.
     fn renew_at(&self) -> i64 {
         self.not_before + (self.not_after - self.not_before) * 2 / 3
     }
@@ -475,6 +477,7 @@ impl Manager {
                     continue;
                 }
                 // Record the attempt and its backoff before any request reaches the CA.
+                // NOTE: a Retry-After from the CA is not read; the backoff alone spaces orders.
                 entry.retry.failures = entry.retry.failures.saturating_add(1);
                 let delay = backoff(&resolver.config, entry.retry.failures);
                 entry.retry.next_attempt_unix = Some(now + delay.as_secs() as i64);
@@ -539,7 +542,7 @@ impl OrderTask {
         info!(names = ?self.names, resolver = %config.name, renewing = self.renewing, "ordering a certificate");
         let result = tokio::time::timeout(ORDER_TIMEOUT, self.order()).await;
         let result = match result {
-            Ok(result) => result.map_err(|e| e.to_string()),
+            Ok(result) => result.map_err(|e| error_chain(&e)),
             Err(_) => Err(format!("the order took longer than {ORDER_TIMEOUT:?}")),
         };
         let file_id = cert_id(&self.names);
@@ -694,6 +697,22 @@ fn inspect(stored: &StoredCert, names: &[String], resolver: &str) -> Result<Serv
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
     })
+}
+
+/// Formats an error with its sources, skipping a source whose text the message already has,
+/// so that "client error (Connect)" also names the refused connection.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 fn now_unix() -> i64 {
