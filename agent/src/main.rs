@@ -77,6 +77,10 @@ struct Args {
     /// Extra trusted CA certificates (PEM) for the ACME directory's HTTPS, for test CAs.
     #[arg(long, env = "ACME_CA_BUNDLE")]
     acme_ca_bundle: Option<PathBuf>,
+    /// A TOML file of more named ACME resolvers ([resolvers.NAME] with directory_url, email,
+    /// challenge, key_type, ca_bundle), besides the one the ACME_* settings define.
+    #[arg(long, env = "ACME_RESOLVERS_FILE")]
+    acme_resolvers_file: Option<PathBuf>,
     /// ACME storage: account and certificates [default: STATE_DIR/acme].
     #[arg(long, env = "ACME_STORAGE")]
     acme_storage: Option<PathBuf>,
@@ -193,32 +197,7 @@ async fn run(args: Args) -> Result<(), String> {
         control_socket = %control_path.display(),
         "agent started"
     );
-    let resolvers = match &args.acme_directory_url {
-        Some(directory_url) => {
-            info!(
-                resolver = %args.acme_resolver,
-                directory = %directory_url,
-                challenge = args.acme_challenge.name(),
-                "ACME certificate resolver configured"
-            );
-            vec![ResolverConfig {
-                name: args.acme_resolver.clone(),
-                directory_url: directory_url.clone(),
-                email: args.acme_email.clone().filter(|e| !e.is_empty()),
-                challenge: args.acme_challenge,
-                key_type: args.acme_key_type,
-                ca_bundle: args.acme_ca_bundle.clone(),
-                storage: args
-                    .acme_storage
-                    .clone()
-                    .unwrap_or_else(|| args.state_dir.join("acme")),
-                retry_base: args.acme_retry_base,
-                retry_max: args.acme_retry_max.max(args.acme_retry_base),
-            }]
-        }
-        None => Vec::new(),
-    };
-    let acme = acme::start(resolvers, changed_tx.clone());
+    let acme = acme::start(acme_resolvers(&args)?, changed_tx.clone());
     let reconciler = Reconciler::new(
         settings,
         docker_view,
@@ -232,6 +211,73 @@ async fn run(args: Args) -> Result<(), String> {
     }
     let _ = std::fs::remove_file(&control_path);
     Ok(())
+}
+
+/// Collects the ACME resolvers of the `ACME_*` settings and of the resolvers file.
+fn acme_resolvers(args: &Args) -> Result<Vec<ResolverConfig>, String> {
+    let mut named = Vec::new();
+    if let Some(directory_url) = &args.acme_directory_url {
+        named.push(acme::config::NamedResolver {
+            name: args.acme_resolver.clone(),
+            directory_url: directory_url.clone(),
+            email: args.acme_email.clone().filter(|e| !e.is_empty()),
+            challenge: args.acme_challenge,
+            key_type: args.acme_key_type,
+            ca_bundle: args.acme_ca_bundle.clone(),
+        });
+    }
+    if let Some(path) = &args.acme_resolvers_file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            format!(
+                "cannot read the ACME resolvers file {}: {e}",
+                path.display()
+            )
+        })?;
+        let from_file = acme::config::parse(&text).map_err(|errors| {
+            format!(
+                "invalid ACME resolvers file {}: {}",
+                path.display(),
+                errors.join("; ")
+            )
+        })?;
+        for resolver in from_file {
+            if named.iter().any(|r| r.name == resolver.name) {
+                return Err(format!(
+                    "ACME resolver {:?} is defined twice: by the ACME_* settings and in {}",
+                    resolver.name,
+                    path.display()
+                ));
+            }
+            named.push(resolver);
+        }
+    }
+    let storage = args
+        .acme_storage
+        .clone()
+        .unwrap_or_else(|| args.state_dir.join("acme"));
+    let resolvers = named
+        .into_iter()
+        .map(|resolver| {
+            info!(
+                resolver = %resolver.name,
+                directory = %resolver.directory_url,
+                challenge = resolver.challenge.name(),
+                "ACME certificate resolver configured"
+            );
+            ResolverConfig {
+                name: resolver.name,
+                directory_url: resolver.directory_url,
+                email: resolver.email,
+                challenge: resolver.challenge,
+                key_type: resolver.key_type,
+                ca_bundle: resolver.ca_bundle,
+                storage: storage.clone(),
+                retry_base: args.acme_retry_base,
+                retry_max: args.acme_retry_max.max(args.acme_retry_base),
+            }
+        })
+        .collect();
+    Ok(resolvers)
 }
 
 async fn shutdown_signal() {

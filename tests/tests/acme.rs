@@ -539,6 +539,18 @@ impl Stack {
         run(Command::new("sh").args(["-c", &script]))
     }
 
+    /// Returns the body of `GET /` for `host` over plain HTTP, or an empty string on failure.
+    fn get_plain(&self, host: &str) -> String {
+        let port = self.edge.http.port();
+        let output = Command::new("curl")
+            .args(["--silent", "--max-time", "5", "--resolve"])
+            .arg(format!("{host}:{port}:127.0.0.1"))
+            .arg(format!("http://{host}:{port}/"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     fn metrics(&self) -> String {
         let mut stream = TcpStream::connect(self.edge.admin).unwrap();
         stream
@@ -641,6 +653,12 @@ fn http01_issues_for_two_hosts() {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no expiry metric for shop.test:\n{metrics}"));
     assert!(days > 1.0, "{days}");
+    // An SNI that no router declares gets the default certificate and starts no order.
+    let served = stack.served_certificate("random.test");
+    assert!(served.contains("edge default certificate"), "{served}");
+    assert_eq!(stack.pebble().orders(), 1);
+    assert_eq!(stack.edgectl(&["certs"]).as_array().map(Vec::len), Some(1));
+
     // The CA validated both names over HTTP.
     let pebble = stack.pebble().server.output();
     assert!(
@@ -879,47 +897,47 @@ fn unreachable_ca_does_not_block_routes() {
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut stack = Stack::start("unreachable");
+    stack.start_pebble(None);
+    // Resolver `down` points at a port where nothing listens, so every request to it fails.
+    let closed = free_port();
+    let resolvers = stack.dir.join("resolvers.toml");
+    std::fs::write(
+        &resolvers,
+        format!("[resolvers.down]\ndirectory_url = \"https://127.0.0.1:{closed}/dir\"\n"),
+    )
+    .unwrap();
+    let good = start_backend("good");
     let site = start_backend("site");
     let plain = start_backend("plain");
-    stack.write_routes(&routes(&[
-        ("site", "Host(`site.test`)", site, Some("le")),
+    let mut sites = vec![
+        ("good", "Host(`good.test`)", good, Some("le")),
+        ("site", "Host(`site.test`)", site, Some("down")),
         ("plain", "Host(`plain.test`)", plain, None),
-    ]));
-    // Nothing listens on this port: every request to the CA fails at once.
-    let closed = free_port();
-    let directory = format!("https://127.0.0.1:{closed}/dir");
+    ];
+    stack.write_routes(&routes(&sites));
+    let resolvers = resolvers.display().to_string();
     let env = [
-        ("ACME_DIRECTORY_URL", directory.as_str()),
+        ("ACME_RESOLVERS_FILE", resolvers.as_str()),
         ("ACME_RETRY_BASE", "1h"),
     ];
     stack.start_agent(&env);
 
     let row = stack.wait_for_cert("site.test", |row| row["status"] == "failed");
-    assert!(
-        row["last_error"].as_str().is_some_and(|e| !e.is_empty()),
-        "{row}"
-    );
+    let error = row["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("Connection refused"), "{row}");
     let next_retry = row["next_retry_unix"].as_i64().unwrap();
+    assert_eq!(stack.wait_for_verified("good.test"), "good");
+    assert_eq!(stack.get_plain("plain.test"), "plain");
 
     // Routes keep updating while the CA is down.
     let added = start_backend("added");
-    stack.write_routes(&routes(&[
-        ("site", "Host(`site.test`)", site, Some("le")),
-        ("plain", "Host(`plain.test`)", plain, None),
-        ("added", "Host(`added.test`)", added, None),
-    ]));
+    sites.push(("added", "Host(`added.test`)", added, None));
+    stack.write_routes(&routes(&sites));
     stack.edgectl(&["reload"]);
     let deadline = Instant::now() + ISSUE_LIMIT;
     let mut body = String::new();
     while Instant::now() < deadline && body != "added" {
-        body = run(Command::new("curl").args([
-            "--silent",
-            "--max-time",
-            "5",
-            "--resolve",
-            &format!("added.test:{}:127.0.0.1", stack.edge.http.port()),
-            &format!("http://added.test:{}/", stack.edge.http.port()),
-        ]));
+        body = stack.get_plain("added.test");
         thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(
@@ -929,11 +947,12 @@ fn unreachable_ca_does_not_block_routes() {
         stack.failure("the new route was not served")
     );
 
-    // A restarted agent keeps the backoff: no new attempt before the recorded time.
+    // A restarted agent keeps the backoff and the issued certificate: it orders nothing.
     stack.stop_agent();
     stack.start_agent(&env);
     let row = stack.wait_for_cert("site.test", |row| row["status"] == "failed");
     assert_eq!(row["next_retry_unix"].as_i64(), Some(next_retry), "{row}");
+    stack.wait_for_cert("good.test", |row| row["status"] == "valid");
     let agent = stack.agent.as_ref().unwrap();
     assert_eq!(
         agent.count("ordering a certificate"),

@@ -16,6 +16,7 @@
 //! is reused, so restarts never order. Each order start is recorded on disk with its backoff
 //! before any request goes to the CA, so a crash loop waits as long as failures do.
 
+pub mod config;
 pub mod order;
 pub mod store;
 
@@ -270,8 +271,7 @@ impl AcmeHandle {
 }
 
 fn status_of(entry: &Entry) -> CertStatus {
-    let status = if let Some(reason) = &entry.disabled {
-        let _ = reason;
+    let status = if entry.disabled.is_some() {
         "disabled"
     } else {
         match (
@@ -418,7 +418,7 @@ impl Manager {
         };
         let Some(resolver) = self.resolvers.get(&request.resolver) else {
             entry.disabled = Some(format!(
-                "certificate resolver {:?} is not configured; set ACME_DIRECTORY_URL (resolver name: ACME_RESOLVER)",
+                "certificate resolver {:?} is not configured; define it with ACME_DIRECTORY_URL and ACME_RESOLVER, or in ACME_RESOLVERS_FILE",
                 request.resolver
             ));
             return entry;
