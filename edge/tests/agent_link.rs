@@ -189,3 +189,74 @@ fn acme_http01_answered_before_redirect() {
     assert_eq!(reply["type"], "rejected", "{reply}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs `openssl s_client` against `addr` with `sni` and `alpn`. Returns whether the server
+/// sent a certificate, and the output.
+fn tls_handshake(addr: std::net::SocketAddr, sni: &str, alpn: &str) -> (bool, String) {
+    let mut child = std::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            sni,
+        ])
+        .args(["-alpn", alpn, "-ign_eof"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl must be installed");
+    // A request after the handshake shows whether the edge serves HTTP on the connection.
+    let request = format!("GET / HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n");
+    let mut stdin = child.stdin.take().unwrap();
+    let _ = stdin.write_all(request.as_bytes());
+    drop(stdin);
+    let output = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (text.contains("BEGIN CERTIFICATE"), text)
+}
+
+#[test]
+fn acme_tls_alpn01_served_only_to_validation() {
+    let dir = common::temp_dir("agent-acme-tls-alpn");
+    let edge = start(&dir);
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["a.test".to_owned()]).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "acme challenge a.test");
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(&[1u8; 32])];
+    let cert = params.self_signed(&key).unwrap();
+    let snapshot = serde_json::json!({
+        "version": 1, "routers": [], "services": [],
+        "acme_challenges": {"tls_alpn01": [{
+            "name": "a.test",
+            "certificate": {"chain_pem": cert.pem(), "key_pem": key.serialize_pem()}
+        }]}
+    });
+    let reply = push(
+        &dir.join("edge.sock"),
+        serde_json::json!({"type": "apply", "snapshot": snapshot}),
+    );
+    assert_eq!(reply["type"], "applied", "{reply}");
+
+    let (ok, text) = tls_handshake(edge.https, "a.test", "acme-tls/1");
+    assert!(ok, "{text}");
+    assert!(text.contains("acme challenge a.test"), "{text}");
+    assert!(text.contains("ALPN protocol: acme-tls/1"), "{text}");
+    // The validation connection is closed after the handshake, never routed.
+    assert!(!text.contains("HTTP/1.1 "), "{text}");
+
+    // A normal client for the same name never gets the challenge certificate.
+    let (ok, text) = tls_handshake(edge.https, "a.test", "http/1.1");
+    assert!(ok, "{text}");
+    assert!(!text.contains("acme challenge"), "{text}");
+    assert!(text.contains("HTTP/1.1 404"), "{text}");
+
+    // A validation handshake for a name without a pending challenge fails.
+    let (ok, text) = tls_handshake(edge.https, "b.test", "acme-tls/1");
+    assert!(!ok, "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

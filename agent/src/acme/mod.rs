@@ -40,6 +40,9 @@ use store::{cert_id, RetryState, Store, StoredCert};
 const EDGE_APPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Maximum time between two checks of renewal times.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
+/// Maximum orders running at once, so that many new sites do not flood the CA; the others
+/// start as these finish.
+const MAX_CONCURRENT_ORDERS: usize = 4;
 /// Maximum time one order may take, from the first request to the downloaded chain.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -462,9 +465,14 @@ impl Manager {
         let mut to_start = Vec::new();
         {
             let mut shared = lock(&self.shared);
+            let mut running = shared.entries.values().filter(|e| e.running).count();
             for entry in shared.entries.values_mut() {
                 if entry.running || entry.disabled.is_some() {
                     continue;
+                }
+                if running >= MAX_CONCURRENT_ORDERS {
+                    // A finishing order wakes the manager, which starts the next one.
+                    break;
                 }
                 let Some(resolver) = self.resolvers.get(&entry.resolver) else {
                     continue;
@@ -491,6 +499,7 @@ impl Manager {
                     continue;
                 }
                 entry.running = true;
+                running += 1;
                 to_start.push((
                     entry.id.clone(),
                     entry.names.clone(),
