@@ -34,6 +34,10 @@ pub enum CtlRequest {
     Reload,
     /// List the certificates that routers request from ACME resolvers.
     Certs,
+    /// Order the certificates that cover `name` now, ignoring their backoff.
+    RetryCert {
+        name: String,
+    },
 }
 
 /// The answer to one request.

@@ -365,6 +365,16 @@ impl Reconciler {
                 CtlResponse::ok(json!({ "undrained": self.describe(&targets) }))
             }
             CtlRequest::Certs => CtlResponse::ok(json!(self.acme.status())),
+            CtlRequest::RetryCert { name } => {
+                let affected = self.acme.retry_now(&name);
+                if affected.is_empty() {
+                    CtlResponse::error(format!(
+                        "no ACME certificate covers {name:?}; `edgectl certs` lists them"
+                    ))
+                } else {
+                    CtlResponse::ok(json!({ "retrying": affected }))
+                }
+            }
             CtlRequest::Reload => {
                 self.load_routes_file();
                 self.pushed = None;

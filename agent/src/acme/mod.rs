@@ -264,6 +264,29 @@ impl AcmeHandle {
         });
     }
 
+    /// Lets the certificates that cover `name` order again at once, ignoring their backoff.
+    /// The failure count stays, so a further failure waits longer. Returns the main name of
+    /// each certificate affected.
+    pub fn retry_now(&self, name: &str) -> Vec<String> {
+        let name = name.to_ascii_lowercase();
+        let mut affected = Vec::new();
+        {
+            let mut shared = lock(&self.shared);
+            for entry in shared.entries.values_mut() {
+                if entry.disabled.is_none() && entry.names.contains(&name) {
+                    entry.retry.next_attempt_unix = None;
+                    affected.extend(entry.names.first().cloned());
+                }
+            }
+        }
+        if !affected.is_empty() {
+            info!(name, certificates = ?affected, "ACME retry requested by the operator");
+            // Wakes the manager, which starts the orders that are now due.
+            self.requests.send_modify(|_| {});
+        }
+        affected
+    }
+
     /// Returns the status of every requested certificate, sorted by main name.
     pub fn status(&self) -> Vec<CertStatus> {
         let shared = lock(&self.shared);

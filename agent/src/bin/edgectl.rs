@@ -49,6 +49,8 @@ enum Command {
     Reload,
     /// ACME certificates: names, issuer, expiry, status, last error and next retry.
     Certs,
+    /// Order the certificate for a name now, ignoring the backoff (after fixing DNS, say).
+    RetryCert { name: String },
 }
 
 fn main() -> ExitCode {
@@ -72,6 +74,7 @@ fn main() -> ExitCode {
         },
         Command::Reload => CtlRequest::Reload,
         Command::Certs => CtlRequest::Certs,
+        Command::RetryCert { name } => CtlRequest::RetryCert { name: name.clone() },
     };
     let response = match call(&socket, &request) {
         Ok(r) => r,
@@ -152,6 +155,7 @@ fn render(command: &Command, data: &Value) -> String {
         Command::Undrain { .. } => list_lines("back in service:", &data["undrained"]),
         Command::Reload => "routes file reloaded\n".to_owned(),
         Command::Certs => render_certs(data),
+        Command::RetryCert { .. } => list_lines("ordering now:", &data["retrying"]),
     }
 }
 
