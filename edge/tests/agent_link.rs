@@ -178,6 +178,19 @@ fn acme_http01_answered_before_redirect() {
     );
     assert_eq!(unknown.status, 308);
 
+    // Over HTTPS the path is routed like any other.
+    let (code, body) = common::curl(&[
+        "-k",
+        "--resolve",
+        &format!("t:{}:127.0.0.1", edge.https.port()),
+        &format!(
+            "https://t:{}/.well-known/acme-challenge/tok-en_1",
+            edge.https.port()
+        ),
+    ]);
+    assert_eq!(code, 0, "{body}");
+    assert_ne!(body, "tok-en_1.thumb");
+
     let invalid = serde_json::json!({
         "type": "apply",
         "snapshot": {

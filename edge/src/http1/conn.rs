@@ -278,9 +278,9 @@ where
         };
         // A local response leaves any request body unread, so close rather than drain it.
         let close_after_local = head.framing() != BodyFraming::Empty || !head.keep_alive;
-        let acme_key_authorization = match info.entrypoint {
-            EntryPoint::Web => acme_http_challenge(&compiled, raw_path),
-            EntryPoint::WebSecure => None,
+        let acme_key_authorization = match (info.entrypoint, method) {
+            (EntryPoint::Web, "GET" | "HEAD") => acme_http_challenge(&compiled, raw_path),
+            _ => None,
         };
         let router = match acme_key_authorization {
             Some(_) => None,
@@ -292,6 +292,7 @@ where
             let bytes = respond_acme_http(
                 client,
                 key_authorization.as_bytes(),
+                method == "HEAD",
                 close_after_local,
                 &mut bufs.out,
             )
@@ -1160,11 +1161,12 @@ fn acme_http_challenge(compiled: &Compiled, raw_path: &[u8]) -> Option<std::sync
     compiled.acme_http.get(token).cloned()
 }
 
-/// Sends the key authorization of an HTTP-01 challenge. Returns the bytes written (0 if
-/// writing failed).
+/// Sends the key authorization of an HTTP-01 challenge, without the body for HEAD. Returns
+/// the bytes written (0 if writing failed).
 async fn respond_acme_http<S: AsyncWriteRent>(
     client: &mut S,
     key_authorization: &[u8],
+    head_only: bool,
     close: bool,
     out: &mut Vec<u8>,
 ) -> u64 {
@@ -1178,7 +1180,9 @@ async fn respond_acme_http<S: AsyncWriteRent>(
         out.extend_from_slice(b"Connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(key_authorization);
+    if !head_only {
+        out.extend_from_slice(key_authorization);
+    }
     let len = out.len() as u64;
     let buf = std::mem::take(out);
     let (written, buf) = client.write_all(buf).await;
