@@ -572,50 +572,63 @@ impl OrderTask {
     async fn run(self) {
         let config = &self.resolver.config;
         info!(names = ?self.names, resolver = %config.name, renewing = self.renewing, "ordering a certificate");
-        let result = tokio::time::timeout(ORDER_TIMEOUT, self.order()).await;
-        let result = match result {
+        let result = match tokio::time::timeout(ORDER_TIMEOUT, self.order()).await {
             Ok(result) => result.map_err(|e| error_chain(&e)),
             Err(_) => Err(format!("the order took longer than {ORDER_TIMEOUT:?}")),
         };
-        let file_id = cert_id(&self.names);
-        let mut notify = self.clear_challenges();
-        let outcome = result.and_then(|pem| {
-            let stored = StoredCert {
-                chain_pem: pem.chain_pem,
-                key_pem: pem.key_pem,
-            };
-            let served = inspect(&stored, &self.names, &config.name)?;
-            self.resolver
-                .store
-                .save_cert(&file_id, &stored)
-                .map_err(|e| format!("the certificate was issued but cannot be stored: {e}"))?;
-            Ok(served)
-        });
+
+        let challenges_removed = self.clear_challenges();
+        let outcome = result.and_then(|pem| self.store_issued(pem));
+        let issued = self.record(outcome);
+        if challenges_removed || issued {
+            self.changed.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// Checks an issued certificate and writes it to storage.
+    fn store_issued(&self, pem: CertificatePem) -> Result<Served, String> {
+        let stored = StoredCert {
+            chain_pem: pem.chain_pem,
+            key_pem: pem.key_pem,
+        };
+        let served = inspect(&stored, &self.names, &self.resolver.config.name)?;
+        self.resolver
+            .store
+            .save_cert(&cert_id(&self.names), &stored)
+            .map_err(|e| format!("the certificate was issued but cannot be stored: {e}"))?;
+        Ok(served)
+    }
+
+    /// Records the outcome in the entry and its retry state on disk. Returns whether a new
+    /// certificate is to be served.
+    fn record(&self, outcome: Result<Served, String>) -> bool {
         let mut shared = lock(&self.shared);
         let Some(entry) = shared.entries.get_mut(&self.id) else {
-            return;
+            return false;
         };
         entry.running = false;
-        match outcome {
+        let issued = match outcome {
             Ok(served) => {
                 info!(names = ?self.names, not_after = served.not_after, issuer = ?served.issuer, "certificate issued");
                 entry.retry = RetryState::default();
                 entry.served = Some(served);
-                notify = true;
+                true
             }
             Err(message) => {
                 let next = entry.retry.next_attempt_unix.unwrap_or(0);
                 error!(names = ?self.names, error = %message, next_retry_unix = next, "ACME order failed");
                 entry.retry.last_error = Some(message);
+                false
             }
-        }
-        if let Err(e) = self.resolver.store.save_retry(&file_id, &entry.retry) {
+        };
+        if let Err(e) = self
+            .resolver
+            .store
+            .save_retry(&cert_id(&self.names), &entry.retry)
+        {
             error!(error = %e, "cannot store the ACME retry state");
         }
-        drop(shared);
-        if notify {
-            self.changed.send_modify(|n| *n = n.wrapping_add(1));
-        }
+        issued
     }
 
     async fn order(&self) -> Result<CertificatePem, OrderError> {

@@ -44,7 +44,7 @@ pub const ACME_HTTP_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AcmeChallenges {
-    /// HTTP-01: answered on the plain-HTTP listener, before routing and redirects.
+    /// HTTP-01 responses, served on the plain-HTTP listener before routing and redirects.
     #[serde(default)]
     pub http01: Vec<Http01Challenge>,
     /// TLS-ALPN-01: served by the certificate resolver to clients that offer only the ALPN

@@ -1150,7 +1150,7 @@ fn https_location(host: &str, raw_host: &[u8], target: &[u8], https_port: u16) -
 }
 
 /// Returns the key authorization when `raw_path` is `/.well-known/acme-challenge/TOKEN` for a
-/// pending HTTP-01 challenge. Such a request is answered before routing and redirects, whatever
+/// pending HTTP-01 challenge. The edge responds to it before routing and redirects, whatever
 /// its host, because the CA validates over plain HTTP.
 fn acme_http_challenge(compiled: &Compiled, raw_path: &[u8]) -> Option<std::sync::Arc<str>> {
     if compiled.acme_http.is_empty() {
