@@ -508,7 +508,6 @@ impl Manager {
                     continue;
                 }
                 // Record the attempt and its backoff before any request reaches the CA.
-                // NOTE: a Retry-After from the CA is not read; the backoff alone spaces orders.
                 entry.retry.failures = entry.retry.failures.saturating_add(1);
                 let delay = backoff(&resolver.config, entry.retry.failures);
                 entry.retry.next_attempt_unix = Some(now + delay.as_secs() as i64);
@@ -572,14 +571,18 @@ impl OrderTask {
     async fn run(self) {
         let config = &self.resolver.config;
         info!(names = ?self.names, resolver = %config.name, renewing = self.renewing, "ordering a certificate");
+        let mut rate_limited = false;
         let result = match tokio::time::timeout(ORDER_TIMEOUT, self.order()).await {
-            Ok(result) => result.map_err(|e| error_chain(&e)),
+            Ok(result) => result.map_err(|e| {
+                rate_limited = is_rate_limited(&e);
+                error_chain(&e)
+            }),
             Err(_) => Err(format!("the order took longer than {ORDER_TIMEOUT:?}")),
         };
 
         let challenges_removed = self.clear_challenges();
         let outcome = result.and_then(|pem| self.store_issued(pem));
-        let issued = self.record(outcome);
+        let issued = self.record(outcome, rate_limited);
         if challenges_removed || issued {
             self.changed.send_modify(|n| *n = n.wrapping_add(1));
         }
@@ -599,9 +602,9 @@ impl OrderTask {
         Ok(served)
     }
 
-    /// Records the outcome in the entry and its retry state on disk. Returns whether a new
-    /// certificate is to be served.
-    fn record(&self, outcome: Result<Served, String>) -> bool {
+    /// Records the outcome in the entry and its retry state on disk; a rate-limited order waits
+    /// the maximum backoff. Returns whether a new certificate is to be served.
+    fn record(&self, outcome: Result<Served, String>, rate_limited: bool) -> bool {
         let mut shared = lock(&self.shared);
         let Some(entry) = shared.entries.get_mut(&self.id) else {
             return false;
@@ -615,6 +618,13 @@ impl OrderTask {
                 true
             }
             Err(message) => {
+                if rate_limited {
+                    // NOTE: the CA's Retry-After is not available through instant-acme's
+                    // errors, so the maximum backoff stands in for it.
+                    let max = self.resolver.config.retry_max.as_secs() as i64;
+                    let next = entry.retry.next_attempt_unix.unwrap_or(0);
+                    entry.retry.next_attempt_unix = Some(next.max(now_unix() + max));
+                }
                 let next = entry.retry.next_attempt_unix.unwrap_or(0);
                 error!(names = ?self.names, error = %message, next_retry_unix = next, "ACME order failed");
                 entry.retry.last_error = Some(message);
@@ -744,6 +754,20 @@ fn inspect(stored: &StoredCert, names: &[String], resolver: &str) -> Result<Serv
     })
 }
 
+/// Returns whether the CA rejected a request because of its rate limits.
+fn is_rate_limited(error: &OrderError) -> bool {
+    match error {
+        OrderError::Acme {
+            source: instant_acme::Error::Api(problem),
+            ..
+        } => problem
+            .r#type
+            .as_deref()
+            .is_some_and(|t| t == "urn:ietf:params:acme:error:rateLimited"),
+        _ => false,
+    }
+}
+
 /// Formats an error with its sources, skipping a source whose text the message already has,
 /// so that "client error (Connect)" also names the refused connection.
 fn error_chain(error: &dyn std::error::Error) -> String {
@@ -837,6 +861,23 @@ mod tests {
             key_pem: other_key.serialize_pem(),
         };
         assert!(inspect(&mismatched, &names, "le").is_err());
+    }
+
+    #[test]
+    fn rate_limited_problem_detected() {
+        let problem = |kind: &str| OrderError::Acme {
+            step: "creating the order",
+            source: instant_acme::Error::Api(
+                serde_json::from_value(serde_json::json!({ "type": kind, "status": 429 })).unwrap(),
+            ),
+        };
+        assert!(is_rate_limited(&problem(
+            "urn:ietf:params:acme:error:rateLimited"
+        )));
+        assert!(!is_rate_limited(&problem(
+            "urn:ietf:params:acme:error:connection"
+        )));
+        assert!(!is_rate_limited(&OrderError::Crypto("x".into())));
     }
 
     #[test]
