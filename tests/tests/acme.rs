@@ -227,20 +227,18 @@ impl Pebble {
             "ACME directory available",
         );
 
+        // pebble logs its addresses just before it binds them, so wait until both answer.
+        let cacert = https_ca.display().to_string();
+        let directory_url = format!("https://127.0.0.1:{listen}/dir");
+        curl_until_ok(&["--cacert", &cacert, &directory_url]);
         let root = dir.join("root.pem");
-        let fetched = run(Command::new("curl").args([
-            "--silent",
-            "--show-error",
-            "--fail",
-            "--cacert",
-            &https_ca.display().to_string(),
-            &format!("https://127.0.0.1:{management}/roots/0"),
-        ]));
+        let roots_url = format!("https://127.0.0.1:{management}/roots/0");
+        let fetched = curl_until_ok(&["--cacert", &cacert, &roots_url]);
         std::fs::write(&root, fetched).unwrap();
         Pebble {
             server,
             _dns: dns,
-            directory_url: format!("https://127.0.0.1:{listen}/dir"),
+            directory_url,
             https_ca,
             root,
             dns_management,
@@ -266,14 +264,29 @@ impl Pebble {
     }
 
     fn dns_request(&self, path: &str, body: serde_json::Value) {
-        run(Command::new("curl").args([
-            "--silent",
-            "--show-error",
-            "--fail",
-            "--data",
-            &body.to_string(),
-            &format!("http://127.0.0.1:{}/{path}", self.dns_management),
-        ]));
+        let url = format!("http://127.0.0.1:{}/{path}", self.dns_management);
+        curl_until_ok(&["--data", &body.to_string(), &url]);
+    }
+}
+
+/// Runs curl with `args` until it succeeds, for at most 10 seconds, and returns its output.
+fn curl_until_ok(args: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let output = Command::new("curl")
+            .args(["--silent", "--show-error", "--fail", "--max-time", "5"])
+            .args(args)
+            .output()
+            .expect("curl must be installed");
+        if output.status.success() {
+            return String::from_utf8_lossy(&output.stdout).into_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "curl {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        thread::sleep(Duration::from_millis(100));
     }
 }
 
