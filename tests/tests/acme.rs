@@ -227,7 +227,7 @@ impl Pebble {
             "ACME directory available",
         );
 
-        // pebble logs its addresses just before it binds them, so wait until both answer.
+        // pebble logs its addresses just before it binds them, so poll both until they respond.
         let cacert = https_ca.display().to_string();
         let directory_url = format!("https://127.0.0.1:{listen}/dir");
         curl_until_ok(&["--cacert", &cacert, &directory_url]);
@@ -307,6 +307,7 @@ fn make_https_certificate(dir: &Path) -> PathBuf {
         "ec_paramgen_curve:P-256",
         "-nodes",
     ];
+
     run(Command::new("openssl")
         .args(["req", "-x509"])
         .args(ec)
@@ -315,6 +316,7 @@ fn make_https_certificate(dir: &Path) -> PathBuf {
         .arg("-out")
         .arg(&ca)
         .args(["-days", "2", "-subj", "/CN=edge test pebble HTTPS CA"]));
+
     run(Command::new("openssl")
         .arg("req")
         .args(ec)
@@ -323,6 +325,7 @@ fn make_https_certificate(dir: &Path) -> PathBuf {
         .arg("-out")
         .arg(&csr)
         .args(["-subj", "/CN=localhost"]));
+
     run(Command::new("openssl")
         .args(["x509", "-req", "-in"])
         .arg(&csr)
@@ -338,7 +341,7 @@ fn make_https_certificate(dir: &Path) -> PathBuf {
     ca
 }
 
-/// A backend answering every request with its name.
+/// Starts a backend that returns its name for every request.
 fn start_backend(name: &'static str) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -515,8 +518,8 @@ impl Stack {
         );
     }
 
-    /// Waits until `host` answers over HTTPS with a certificate that verifies against pebble's
-    /// root, and returns the body.
+    /// Waits until the edge serves `host` over HTTPS with a certificate that verifies against
+    /// pebble's root, and returns the body.
     fn wait_for_verified(&self, host: &str) -> String {
         let deadline = Instant::now() + ISSUE_LIMIT;
         let mut last = (0, String::new());
