@@ -11,7 +11,7 @@ use instant_acme::{
     Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
 use serde::{Deserialize, Serialize};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{store::Store, ChallengeKind, KeyType};
 
@@ -66,6 +66,13 @@ pub fn http_client(ca_bundle: Option<&Path>) -> Result<Box<dyn HttpClient>, Orde
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {
         let _ = roots.add(cert);
+    }
+    if roots.is_empty() && ca_bundle.is_none() {
+        warn!(
+            errors = ?native.errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "no trusted root certificates found for the ACME directory; install the system's CA \
+             certificates (Debian: ca-certificates) or set ACME_CA_BUNDLE"
+        );
     }
     if let Some(path) = ca_bundle {
         use rustls_pki_types::{pem::PemObject, CertificateDer};
