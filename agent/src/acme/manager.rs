@@ -519,6 +519,90 @@ mod tests {
         }
     }
 
+    /// Returns a manager with resolver `le` storing under `storage`.
+    fn manager(storage: &std::path::Path) -> Manager {
+        let mut config = config();
+        config.storage = storage.to_owned();
+        let resolver = Resolver {
+            store: Store::new(storage, "le"),
+            config,
+            account: tokio::sync::Mutex::new(None),
+        };
+        let (changed, _) = watch::channel(0);
+        let (_, applied) = watch::channel(0);
+        Manager {
+            resolvers: BTreeMap::from([("le".to_owned(), Arc::new(resolver))]),
+            shared: Arc::new(Mutex::new(SharedState::default())),
+            changed,
+            applied,
+        }
+    }
+
+    fn request(resolver: &str, names: &[&str]) -> CertificateRequest {
+        CertificateRequest {
+            resolver: resolver.to_owned(),
+            names: names.iter().map(|n| n.to_string()).collect(),
+            routers: vec!["r".to_owned()],
+        }
+    }
+
+    #[test]
+    fn sync_reuses_storage_and_skips_backoff() {
+        let storage = std::env::temp_dir().join(format!("edge-acme-sync-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&storage);
+        let store = Store::new(&storage, "le");
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["stored.test".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let stored = StoredCert {
+            chain_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        };
+        store
+            .save_cert(&cert_id(&["stored.test".to_owned()]), &stored)
+            .unwrap();
+        let waiting = RetryState {
+            failures: 3,
+            next_attempt_unix: Some(now_unix() + 3600),
+            last_error: Some("timed out".to_owned()),
+            last_attempt_unix: Some(now_unix()),
+        };
+        store
+            .save_retry(&cert_id(&["waiting.test".to_owned()]), &waiting)
+            .unwrap();
+
+        let manager = manager(&storage);
+        let requests = [
+            request("le", &["stored.test"]),
+            request("le", &["waiting.test"]),
+            request("le", &["*.wild.test"]),
+            request("other", &["other.test"]),
+        ];
+        assert!(manager.sync(&requests));
+        let mut orders = JoinSet::new();
+        manager.start_due_orders(&mut orders);
+        assert!(orders.is_empty(), "no certificate is due for an order");
+
+        let shared = lock(&manager.shared);
+        let entry = |name: &str| {
+            shared
+                .entries
+                .values()
+                .find(|e| e.names[0] == name)
+                .unwrap()
+        };
+        assert!(entry("stored.test").served.is_some());
+        assert_eq!(entry("waiting.test").retry, waiting);
+        let wildcard = entry("*.wild.test").disabled.clone().unwrap();
+        assert!(wildcard.contains("DNS-01"), "{wildcard}");
+        let other = entry("other.test").disabled.clone().unwrap();
+        assert!(other.contains("not configured"), "{other}");
+        drop(shared);
+        std::fs::remove_dir_all(&storage).unwrap();
+    }
+
     #[test]
     fn backoff_doubles_up_to_cap() {
         let config = config();
