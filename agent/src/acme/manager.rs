@@ -322,7 +322,7 @@ impl OrderTask {
             Err(message) => {
                 if rate_limited {
                     // NOTE: the CA's Retry-After is not available through instant-acme's
-                    // errors, so the maximum backoff stands in for it.
+                    // errors, so the maximum backoff is used instead.
                     let max = self.resolver.config.retry_max.as_secs() as i64;
                     let next = entry.retry.next_attempt_unix.unwrap_or(0);
                     entry.retry.next_attempt_unix = Some(next.max(now_unix() + max));

@@ -63,6 +63,7 @@ struct StoredAccount {
 /// The bundle cannot be read or contains no certificate.
 pub fn http_client(ca_bundle: Option<&Path>) -> Result<Box<dyn HttpClient>, OrderError> {
     let mut roots = rustls::RootCertStore::empty();
+
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {
         let _ = roots.add(cert);
@@ -93,9 +94,11 @@ pub fn http_client(ca_bundle: Option<&Path>) -> Result<Box<dyn HttpClient>, Orde
                 .map_err(|e| bundle_error(format!("invalid certificate: {e}")))?;
         }
     }
+
     // NOTE: ring has no post-quantum key exchange; the edge makes the same choice.
     #[allow(deprecated)]
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| OrderError::Crypto(e.to_string()))?
