@@ -45,6 +45,12 @@ pub enum CtlRequest {
     },
     /// List the blocked networks.
     Blocked,
+    /// List the certificates that routers request from ACME resolvers.
+    Certs,
+    /// Order the certificates that cover `name` now, ignoring their backoff.
+    RetryCert {
+        name: String,
+    },
 }
 
 /// The answer to one request.

@@ -262,6 +262,7 @@ impl Desired {
             services,
             certificates: Vec::new(),
             default_certificate: None,
+            acme_challenges: Default::default(),
         }
     }
 
@@ -831,6 +832,66 @@ fn first_difference(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) 
         .into_iter()
         .find(|option| a.get(*option) != b.get(*option))
         .cloned()
+}
+
+/// Returns the certificates that the routes file's routers request: one per `tls.domains`
+/// entry, else one for the hosts of the router's rule.
+pub fn file_certificate_requests(routes: &edge_proto::file::RoutesFile) -> Vec<CertificateRequest> {
+    let mut requests: BTreeMap<(String, Vec<String>), BTreeSet<String>> = BTreeMap::new();
+    for entry in &routes.cert_resolvers {
+        let mut name_sets: Vec<Vec<String>> = entry
+            .domains
+            .iter()
+            .map(|names| unique_lowercase(names.iter().map(String::as_str)))
+            .collect();
+        if name_sets.is_empty() {
+            let rule = routes
+                .snapshot
+                .routers
+                .iter()
+                .find(|router| router.name == entry.router)
+                .and_then(|router| edge_proto::rule::parse(&router.rule).ok());
+            let hosts = rule.map(|expr| expr.hosts()).unwrap_or_default();
+            if !hosts.is_empty() {
+                name_sets.push(unique_lowercase(hosts.iter().map(String::as_str)));
+            }
+        }
+        for names in name_sets {
+            requests
+                .entry((entry.resolver.clone(), names))
+                .or_default()
+                .insert(entry.router.clone());
+        }
+    }
+    requests
+        .into_iter()
+        .map(|((resolver, names), routers)| CertificateRequest {
+            resolver,
+            names,
+            routers: routers.into_iter().collect(),
+        })
+        .collect()
+}
+
+/// Adds `extra` to the sorted `requests`, merging the routers of equal name sets.
+pub fn merge_certificate_requests(
+    requests: &mut Vec<CertificateRequest>,
+    extra: &[CertificateRequest],
+) {
+    for request in extra {
+        let existing = requests
+            .iter_mut()
+            .find(|r| r.resolver == request.resolver && r.names == request.names);
+        match existing {
+            Some(existing) => {
+                existing.routers.extend(request.routers.iter().cloned());
+                existing.routers.sort();
+                existing.routers.dedup();
+            }
+            None => requests.push(request.clone()),
+        }
+    }
+    requests.sort();
 }
 
 fn unique_lowercase<'a>(names: impl Iterator<Item = &'a str>) -> Vec<String> {

@@ -3,6 +3,7 @@
 //! thin front ends.
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod ctl;
 pub mod desired;
 pub mod docker;

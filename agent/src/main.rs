@@ -10,6 +10,7 @@ use std::{
 
 use clap::Parser;
 use edge_agent::{
+    acme::{self, ChallengeKind, KeyType, ResolverConfig},
     ctl,
     desired::AgentOptions,
     docker::{self, DockerView},
@@ -93,6 +94,38 @@ struct Args {
     /// Duration of an automatic block.
     #[arg(long, env = "EDGE_AUTO_BLOCK_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
     auto_block_ttl: std::time::Duration,
+    /// Name of the ACME certificate resolver that routers name in tls.certresolver.
+    #[arg(long, env = "ACME_RESOLVER", default_value = "le")]
+    acme_resolver: String,
+    /// ACME directory URL; without it no certificate is ordered. Let's Encrypt:
+    /// https://acme-v02.api.letsencrypt.org/directory
+    #[arg(long, env = "ACME_DIRECTORY_URL")]
+    acme_directory_url: Option<String>,
+    /// Contact email of the ACME account.
+    #[arg(long, env = "ACME_EMAIL")]
+    acme_email: Option<String>,
+    /// Challenge type: http-01 (port 80) or tls-alpn-01 (port 443).
+    #[arg(long, env = "ACME_CHALLENGE", default_value = "http-01")]
+    acme_challenge: ChallengeKind,
+    /// Key type of ordered certificates: ec256 (ECDSA P-256) or ec384.
+    #[arg(long, env = "ACME_KEY_TYPE", default_value = "ec256")]
+    acme_key_type: KeyType,
+    /// Extra trusted CA certificates (PEM) for the ACME directory's HTTPS, for test CAs.
+    #[arg(long, env = "ACME_CA_BUNDLE")]
+    acme_ca_bundle: Option<PathBuf>,
+    /// A TOML file of more named ACME resolvers ([resolvers.NAME] with directory_url, email,
+    /// challenge, key_type, ca_bundle), besides the one the ACME_* settings define.
+    #[arg(long, env = "ACME_RESOLVERS_FILE")]
+    acme_resolvers_file: Option<PathBuf>,
+    /// ACME storage: account and certificates [default: STATE_DIR/acme].
+    #[arg(long, env = "ACME_STORAGE")]
+    acme_storage: Option<PathBuf>,
+    /// Wait after a failed ACME order; it doubles with each further failure.
+    #[arg(long, env = "ACME_RETRY_BASE", default_value = "5m", value_parser = humantime::parse_duration)]
+    acme_retry_base: std::time::Duration,
+    /// Maximum wait between ACME orders after failures.
+    #[arg(long, env = "ACME_RETRY_MAX", default_value = "6h", value_parser = humantime::parse_duration)]
+    acme_retry_max: std::time::Duration,
     /// Log format on stderr.
     #[arg(long, env = "EDGE_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
     log_format: String,
@@ -215,11 +248,13 @@ async fn run(args: Args) -> Result<(), String> {
         control_socket = %control_path.display(),
         "agent started"
     );
+    let acme = acme::start(acme_resolvers(&args)?, changed_tx.clone());
     let reconciler = Reconciler::new(
         settings,
         docker_view,
         EdgeLink::new(edge_socket),
         changed_tx,
+        acme,
     );
     tokio::select! {
         () = reconciler.run(changed_rx, calls_rx) => {}
@@ -242,6 +277,73 @@ fn auto_block_limits(args: &Args) -> Limits {
             .max(1),
         ..Limits::default()
     }
+}
+
+/// Collects the ACME resolvers of the `ACME_*` settings and of the resolvers file.
+fn acme_resolvers(args: &Args) -> Result<Vec<ResolverConfig>, String> {
+    let mut named = Vec::new();
+    if let Some(directory_url) = &args.acme_directory_url {
+        named.push(acme::config::NamedResolver {
+            name: args.acme_resolver.clone(),
+            directory_url: directory_url.clone(),
+            email: args.acme_email.clone().filter(|e| !e.is_empty()),
+            challenge: args.acme_challenge,
+            key_type: args.acme_key_type,
+            ca_bundle: args.acme_ca_bundle.clone(),
+        });
+    }
+    if let Some(path) = &args.acme_resolvers_file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            format!(
+                "cannot read the ACME resolvers file {}: {e}",
+                path.display()
+            )
+        })?;
+        let from_file = acme::config::parse(&text).map_err(|errors| {
+            format!(
+                "invalid ACME resolvers file {}: {}",
+                path.display(),
+                errors.join("; ")
+            )
+        })?;
+        for resolver in from_file {
+            if named.iter().any(|r| r.name == resolver.name) {
+                return Err(format!(
+                    "ACME resolver {:?} is defined twice: by the ACME_* settings and in {}",
+                    resolver.name,
+                    path.display()
+                ));
+            }
+            named.push(resolver);
+        }
+    }
+    let storage = args
+        .acme_storage
+        .clone()
+        .unwrap_or_else(|| args.state_dir.join("acme"));
+    let resolvers = named
+        .into_iter()
+        .map(|resolver| {
+            info!(
+                resolver = %resolver.name,
+                directory = %resolver.directory_url,
+                challenge = resolver.challenge.name(),
+                "ACME certificate resolver configured"
+            );
+            ResolverConfig {
+                name: resolver.name,
+                directory_url: resolver.directory_url,
+                email: resolver.email,
+                challenge: resolver.challenge,
+                key_type: resolver.key_type,
+                ca_bundle: resolver.ca_bundle,
+                storage: storage.clone(),
+                retry_base: args.acme_retry_base,
+                retry_max: args.acme_retry_max.max(args.acme_retry_base),
+            }
+        })
+        .collect();
+    Ok(resolvers)
 }
 
 async fn shutdown_signal() {

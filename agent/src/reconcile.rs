@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::{
+    acme::AcmeHandle,
     ctl::{CtlCall, CtlRequest, CtlResponse},
     desired::{self, AgentOptions, Desired, DesiredServer},
     docker::DockerView,
@@ -68,7 +69,10 @@ pub struct Reconciler {
     /// Problems already logged, so each is logged once while it lasts.
     logged_errors: BTreeSet<String>,
     file_snapshot: Option<Snapshot>,
+    /// Certificates that the routes file's routers request from ACME resolvers.
+    file_certificates: Vec<desired::CertificateRequest>,
     file_error: Option<String>,
+    acme: AcmeHandle,
     desired: Desired,
     /// The last snapshot sent, and whether the edge acknowledged it.
     pushed: Option<(Snapshot, bool)>,
@@ -82,6 +86,7 @@ impl Reconciler {
         docker: Arc<Mutex<DockerView>>,
         edge: EdgeLink,
         changed: watch::Sender<u64>,
+        acme: AcmeHandle,
     ) -> Self {
         let mut prober = Prober::new(settings.thresholds, changed);
         if let Some(path) = &settings.seed_file {
@@ -97,7 +102,9 @@ impl Reconciler {
             drained,
             logged_errors: BTreeSet::new(),
             file_snapshot: None,
+            file_certificates: Vec::new(),
             file_error: None,
+            acme,
             desired: Desired::default(),
             pushed: None,
             version: 0,
@@ -136,9 +143,10 @@ impl Reconciler {
         let Some(path) = &self.settings.routes_file else {
             return;
         };
-        match edge_proto::file::load(path) {
-            Ok(snapshot) => {
-                self.file_snapshot = Some(snapshot);
+        match edge_proto::file::load_routes(path) {
+            Ok(routes) => {
+                self.file_certificates = desired::file_certificate_requests(&routes);
+                self.file_snapshot = Some(routes.snapshot);
                 self.file_error = None;
                 info!(path = %path.display(), "routes file loaded");
             }
@@ -168,6 +176,11 @@ impl Reconciler {
             self.file_snapshot.as_ref(),
             &self.settings.options,
         );
+        desired::merge_certificate_requests(
+            &mut self.desired.certificates,
+            &self.file_certificates,
+        );
+        self.acme.set_requests(&self.desired.certificates);
 
         let mut probes = Vec::new();
         for service in &self.desired.services {
@@ -197,17 +210,26 @@ impl Reconciler {
         }
         let _ = docker_connected;
 
-        let snapshot = self
+        let mut snapshot = self
             .desired
             .to_snapshot(0, |server| self.server_state(server));
+        let acme = self.acme.snapshot_parts();
+        if let Some(file) = &self.file_snapshot {
+            snapshot.certificates = file.certificates.clone();
+            snapshot.default_certificate = file.default_certificate.clone();
+        }
+        snapshot.certificates.extend(acme.certificates);
+        snapshot.acme_challenges = acme.challenges;
         let unchanged = self
             .pushed
             .as_ref()
             .is_some_and(|(last, acked)| *acked && same_routes(last, &snapshot));
         if unchanged {
+            if self.edge_state.last_error.is_none() {
+                self.acme.applied(acme.challenge_generation);
+            }
             return;
         }
-        let mut snapshot = snapshot;
         self.version = next_version(self.version);
         snapshot.version = self.version;
         match self.edge.apply(&snapshot).await {
@@ -224,6 +246,7 @@ impl Reconciler {
                 self.edge_state.last_error = None;
                 self.edge_state.connected = true;
                 self.pushed = Some((snapshot, true));
+                self.acme.applied(acme.challenge_generation);
             }
             Ok(EdgeMessage::Rejected { version, errors }) => {
                 error!(version, errors = ?errors, "the edge rejected the snapshot");
@@ -345,6 +368,17 @@ impl Reconciler {
             }
             CtlRequest::Block { .. } | CtlRequest::Unblock { .. } | CtlRequest::Blocked => {
                 crate::filter::handle(&self.settings.filter, &request)
+            }
+            CtlRequest::Certs => CtlResponse::ok(json!(self.acme.status())),
+            CtlRequest::RetryCert { name } => {
+                let affected = self.acme.retry_now(&name);
+                if affected.is_empty() {
+                    CtlResponse::error(format!(
+                        "no ACME certificate covers {name:?}; `edgectl certs` lists them"
+                    ))
+                } else {
+                    CtlResponse::ok(json!({ "retrying": affected }))
+                }
             }
             CtlRequest::Reload => {
                 self.load_routes_file();
@@ -488,8 +522,8 @@ impl Reconciler {
         }
     }
 
-    /// Logs label problems that were not there at the previous rebuild, and ACME requests,
-    /// which are not served yet.
+    /// Logs label problems that were not there at the previous rebuild, and ACME requests
+    /// while no resolver is configured.
     fn log_new_errors(&mut self) {
         let mut current = BTreeSet::new();
         for e in &self.desired.errors {
@@ -499,9 +533,14 @@ impl Reconciler {
             }
             current.insert(line);
         }
-        for request in &self.desired.certificates {
+        let unconfigured = if self.acme.is_configured() {
+            &[][..]
+        } else {
+            &self.desired.certificates[..]
+        };
+        for request in unconfigured {
             let line = format!(
-                "routers {} ask certificate resolver {:?} for {}: ACME is not implemented yet, so the edge serves its self-signed default certificate for these names",
+                "routers {} ask certificate resolver {:?} for {}, but no ACME resolver is configured (set ACME_DIRECTORY_URL), so the edge serves its self-signed default certificate for these names",
                 request.routers.join(", "),
                 request.resolver,
                 request.names.join(", ")
@@ -554,6 +593,7 @@ fn same_routes(a: &Snapshot, b: &Snapshot) -> bool {
         && a.services == b.services
         && a.certificates == b.certificates
         && a.default_certificate == b.default_certificate
+        && a.acme_challenges == b.acme_challenges
 }
 
 /// Returns a version above `previous` that also grows across agent restarts: the current

@@ -128,5 +128,6 @@ pub fn snapshot(backend: SocketAddr) -> Snapshot {
         services: vec![service],
         certificates: Vec::new(),
         default_certificate: None,
+        acme_challenges: Default::default(),
     }
 }

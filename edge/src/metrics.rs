@@ -9,7 +9,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering::Relaxed},
 };
 
-use crate::state::Shared;
+use crate::{state::Shared, tls::CertExpiry};
 
 /// Adds one to a counter that only the calling worker writes.
 #[inline]
@@ -224,11 +224,32 @@ pub fn render(shared: &Shared) -> String {
         "Workers that have started serving.",
         ready,
     );
-    let version = shared.current.load().version;
+    let compiled = shared.current.load();
     let help = "Version of the routes snapshot being served.";
-    write_metric(&mut out, "edge_config_version", "gauge", help, version);
+    write_metric(&mut out, "edge_config_version", "gauge", help, compiled.version);
     shared.kernel.render_metrics(&mut out);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    write_certificate_expiry(&mut out, &compiled.certs.expiries, now);
     out
+}
+
+/// Appends the days until each served certificate expires, negative once it has expired.
+fn write_certificate_expiry(out: &mut String, expiries: &[CertExpiry], now_unix: i64) {
+    out.push_str(
+        "# HELP edge_certificate_expiry_days Days until each served certificate expires.\n",
+    );
+    out.push_str("# TYPE edge_certificate_expiry_days gauge\n");
+    for expiry in expiries {
+        let days = (expiry.not_after_unix - now_unix) as f64 / 86_400.0;
+        let _ = writeln!(
+            out,
+            "edge_certificate_expiry_days{{name=\"{}\",origin=\"{}\"}} {days:.3}",
+            escape_label(&expiry.name),
+            escape_label(&expiry.origin),
+        );
+    }
 }
 
 /// Appends one metric without labels, with its HELP and TYPE lines.
@@ -257,6 +278,23 @@ mod tests {
         stats.record(1, 502);
         stats.record(7, 200);
         assert_eq!(stats.totals(), [0, 2, 0, 0, 1]);
+    }
+
+    #[test]
+    fn certificate_expiry_in_days() {
+        let mut out = String::new();
+        let expiry = CertExpiry {
+            name: "a.test".into(),
+            origin: "acme:le".into(),
+            not_after_unix: 1_000 + 86_400 * 3 / 2,
+        };
+        write_certificate_expiry(&mut out, &[expiry], 1_000);
+        assert!(
+            out.contains(
+                "edge_certificate_expiry_days{name=\"a.test\",origin=\"acme:le\"} 1.500\n"
+            ),
+            "{out}"
+        );
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub struct Compiled {
     any_host: Vec<u32>,
     pub services: Vec<CompiledService>,
     pub certs: CertStore,
+    /// HTTP-01 key authorizations by token.
+    pub acme_http: HashMap<String, Arc<str>>,
 }
 
 #[derive(Debug)]
@@ -270,10 +272,33 @@ pub fn compile_with(
     }
     drop(stats_registry);
 
+    let mut acme_http = HashMap::new();
+    for (i, challenge) in snapshot.acme_challenges.http01.iter().enumerate() {
+        let token_ok = !challenge.token.is_empty()
+            && challenge
+                .token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if token_ok && !challenge.key_authorization.contains(['\r', '\n']) {
+            acme_http.insert(
+                challenge.token.clone(),
+                Arc::<str>::from(challenge.key_authorization.as_str()),
+            );
+        } else {
+            errors.push(CompileError {
+                key: format!("acme_challenges.http01[{i}]"),
+                message: "invalid token or key authorization: a token is base64url and \
+                          neither contains a line break"
+                    .to_owned(),
+            });
+        }
+    }
+
     let certs = match CertStore::build(
         &snapshot.certificates,
         snapshot.default_certificate.as_ref(),
         fallback_cert,
+        &snapshot.acme_challenges.tls_alpn01,
     ) {
         Ok(store) => Some(store),
         Err(cert_errors) => {
@@ -323,6 +348,7 @@ pub fn compile_with(
         any_host,
         services,
         certs,
+        acme_http,
     })
 }
 

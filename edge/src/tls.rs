@@ -8,7 +8,7 @@
 use std::{collections::HashMap, fmt, sync::Arc};
 
 use arc_swap::ArcSwap;
-use edge_proto::CertificatePem;
+use edge_proto::{CertificatePem, TlsAlpn01Challenge, ACME_TLS_ALPN_PROTOCOL};
 use rustls::{
     server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache},
     sign::CertifiedKey,
@@ -18,8 +18,10 @@ use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 
 use crate::state::Compiled;
 
-/// ALPN protocols offered to clients, most preferred first.
-pub const ALPN_PROTOCOLS: &[&[u8]] = &[b"http/1.1"];
+/// ALPN protocols offered to clients, most preferred first. `acme-tls/1` is last, so it is
+/// chosen only for a client that offers no HTTP protocol; such a connection is closed after
+/// the handshake.
+pub const ALPN_PROTOCOLS: &[&[u8]] = &[b"http/1.1", ACME_TLS_ALPN_PROTOCOL];
 
 /// Reason a certificate could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +46,21 @@ pub struct CertStore {
     /// Keyed by the parent domain of `*.parent`.
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     default: Arc<CertifiedKey>,
+    /// TLS-ALPN-01 challenge certificates by the name being validated.
+    acme_challenges: HashMap<String, Arc<CertifiedKey>>,
+    /// Expiry of each configured certificate, in snapshot order, for `/metrics`.
+    pub expiries: Vec<CertExpiry>,
+}
+
+/// When one configured certificate expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertExpiry {
+    /// The first DNS name of the leaf certificate.
+    pub name: String,
+    /// Source of the certificate: a file path or an ACME resolver.
+    pub origin: String,
+    /// The leaf's notAfter as Unix seconds.
+    pub not_after_unix: i64,
 }
 
 impl fmt::Debug for CertStore {
@@ -56,8 +73,8 @@ impl fmt::Debug for CertStore {
 }
 
 impl CertStore {
-    /// Builds a store from PEM certificates; `fallback` serves names no certificate covers
-    /// unless `default` is given.
+    /// Builds a store from PEM certificates and TLS-ALPN-01 challenge certificates;
+    /// `fallback` serves names no certificate covers unless `default` is given.
     ///
     /// # Errors
     /// Every certificate that fails to load, each naming its origin.
@@ -65,13 +82,20 @@ impl CertStore {
         certificates: &[CertificatePem],
         default: Option<&CertificatePem>,
         fallback: Arc<CertifiedKey>,
+        challenges: &[TlsAlpn01Challenge],
     ) -> Result<Self, Vec<CertError>> {
         let mut errors = Vec::new();
         let mut exact = HashMap::new();
         let mut wildcard = HashMap::new();
+        let mut expiries = Vec::new();
         for pem in certificates {
             match load_certified_key(pem) {
-                Ok((key, names)) => {
+                Ok((key, names, not_after_unix)) => {
+                    expiries.push(CertExpiry {
+                        name: names.first().cloned().unwrap_or_default(),
+                        origin: pem.origin.clone(),
+                        not_after_unix,
+                    });
                     for name in names {
                         let name = normalize_name(&name);
                         if let Some(parent) = name.strip_prefix("*.") {
@@ -86,8 +110,20 @@ impl CertStore {
                 Err(e) => errors.push(e),
             }
         }
+        let mut acme_challenges = HashMap::new();
+        for challenge in challenges {
+            // NOTE: rustls checks that a key matches through webpki, which rejects the critical
+            // acmeIdentifier extension, so challenge certificates skip that check. A wrong key
+            // only fails the validation handshake.
+            match load_key_unchecked(&challenge.certificate) {
+                Ok((key, _, _)) => {
+                    acme_challenges.insert(normalize_name(&challenge.name), key);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
         let default = match default.map(load_certified_key) {
-            Some(Ok((key, _))) => key,
+            Some(Ok((key, _, _))) => key,
             Some(Err(e)) => {
                 errors.push(e);
                 fallback
@@ -99,6 +135,8 @@ impl CertStore {
                 exact,
                 wildcard,
                 default,
+                acme_challenges,
+                expiries,
             })
         } else {
             Err(errors)
@@ -121,6 +159,12 @@ impl CertStore {
             }
         }
         self.default.clone()
+    }
+
+    /// Returns the TLS-ALPN-01 challenge certificate for `server_name`, if one is pending.
+    pub fn acme_challenge(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let name = normalize_name(server_name?);
+        self.acme_challenges.get(&name).cloned()
     }
 
     /// Returns how many distinct names have a certificate.
@@ -156,8 +200,28 @@ impl SniResolver {
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let compiled = self.current.load();
+        if is_acme_tls_alpn_hello(&client_hello) {
+            // RFC 8737: a validation handshake gets the challenge certificate or fails; it
+            // never gets a served certificate. The connection is closed after the handshake.
+            return compiled.certs.acme_challenge(client_hello.server_name());
+        }
         Some(compiled.certs.lookup(client_hello.server_name()))
     }
+}
+
+/// Returns whether a ClientHello is a TLS-ALPN-01 validation: its ALPN list is exactly
+/// `acme-tls/1`, as RFC 8737 requires of the CA.
+fn is_acme_tls_alpn_hello(client_hello: &ClientHello<'_>) -> bool {
+    let Some(mut protocols) = client_hello.alpn() else {
+        return false;
+    };
+    protocols.next() == Some(ACME_TLS_ALPN_PROTOCOL) && protocols.next().is_none()
+}
+
+/// Returns whether a negotiated ALPN protocol is the TLS-ALPN-01 one, whose connections carry
+/// no HTTP and are closed after the handshake.
+pub fn is_acme_tls_alpn(negotiated: Option<&[u8]>) -> bool {
+    negotiated == Some(ACME_TLS_ALPN_PROTOCOL)
 }
 
 /// Builds the rustls settings of one worker: TLS 1.2 and 1.3, certificates by SNI, a session
@@ -215,8 +279,23 @@ pub fn self_signed_default() -> Result<Arc<CertifiedKey>, CertError> {
     )))
 }
 
-/// Parses a PEM chain and key into a signing key, and returns the DNS names of the leaf.
-fn load_certified_key(pem: &CertificatePem) -> Result<(Arc<CertifiedKey>, Vec<String>), CertError> {
+/// Parses a PEM chain and key into a signing key, checks that they match, and returns the DNS
+/// names and the notAfter (Unix seconds) of the leaf.
+fn load_certified_key(
+    pem: &CertificatePem,
+) -> Result<(Arc<CertifiedKey>, Vec<String>, i64), CertError> {
+    let (certified, names, not_after) = load_key_unchecked(pem)?;
+    certified.keys_match().map_err(|_| CertError::KeyMismatch {
+        origin: pem.origin.clone(),
+    })?;
+    Ok((certified, names, not_after))
+}
+
+/// Parses a PEM chain and key as [`load_certified_key`] does, without checking that the key
+/// matches the leaf.
+fn load_key_unchecked(
+    pem: &CertificatePem,
+) -> Result<(Arc<CertifiedKey>, Vec<String>, i64), CertError> {
     let origin = || pem.origin.clone();
     let chain: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(pem.chain_pem.as_bytes())
@@ -228,7 +307,7 @@ fn load_certified_key(pem: &CertificatePem) -> Result<(Arc<CertifiedKey>, Vec<St
     let Some(leaf) = chain.first() else {
         return Err(CertError::NoCertificate { origin: origin() });
     };
-    let names = leaf_dns_names(leaf).map_err(|reason| CertError::InvalidLeaf {
+    let (names, not_after) = leaf_dns_names(leaf).map_err(|reason| CertError::InvalidLeaf {
         origin: origin(),
         reason,
     })?;
@@ -244,15 +323,16 @@ fn load_certified_key(pem: &CertificatePem) -> Result<(Arc<CertifiedKey>, Vec<St
             reason: e.to_string(),
         }
     })?;
-    let certified = CertifiedKey::new(chain, signing_key);
-    certified
-        .keys_match()
-        .map_err(|_| CertError::KeyMismatch { origin: origin() })?;
-    Ok((Arc::new(certified), names))
+    Ok((
+        Arc::new(CertifiedKey::new(chain, signing_key)),
+        names,
+        not_after,
+    ))
 }
 
-/// Returns the subjectAltName DNS names of a certificate, or its common name when it has none.
-fn leaf_dns_names(leaf: &CertificateDer<'_>) -> Result<Vec<String>, String> {
+/// Returns the subjectAltName DNS names of a certificate, or its common name when it has none,
+/// and its notAfter as Unix seconds.
+fn leaf_dns_names(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, i64), String> {
     use x509_parser::prelude::*;
     let (_, cert) = X509Certificate::from_der(leaf.as_ref()).map_err(|e| e.to_string())?;
     let mut names = Vec::new();
@@ -270,7 +350,7 @@ fn leaf_dns_names(leaf: &CertificateDer<'_>) -> Result<Vec<String>, String> {
             }
         }
     }
-    Ok(names)
+    Ok((names, cert.validity().not_after.timestamp()))
 }
 
 #[cfg(test)]
@@ -299,7 +379,7 @@ mod tests {
         let fallback = self_signed_default().unwrap();
         let a = pem_for(&["a.test"]);
         let wild = pem_for(&["*.w.test"]);
-        let store = CertStore::build(&[a, wild], None, fallback.clone()).unwrap();
+        let store = CertStore::build(&[a, wild], None, fallback.clone(), &[]).unwrap();
         let a_leaf = leaf_of(&store.lookup(Some("a.test")));
         assert_eq!(leaf_of(&store.lookup(Some("A.TEST."))), a_leaf);
         let w_leaf = leaf_of(&store.lookup(Some("x.w.test")));
@@ -321,7 +401,8 @@ mod tests {
             key_pem: b.key_pem,
             origin: "mixed".into(),
         };
-        let errors = CertStore::build(&[mixed], None, self_signed_default().unwrap()).unwrap_err();
+        let errors =
+            CertStore::build(&[mixed], None, self_signed_default().unwrap(), &[]).unwrap_err();
         assert!(matches!(errors[0], CertError::KeyMismatch { .. }));
         assert_eq!(
             errors[0].to_string(),
@@ -336,7 +417,8 @@ mod tests {
             key_pem: "nope".into(),
             origin: "bad.pem".into(),
         };
-        let errors = CertStore::build(&[bad], None, self_signed_default().unwrap()).unwrap_err();
+        let errors =
+            CertStore::build(&[bad], None, self_signed_default().unwrap(), &[]).unwrap_err();
         assert!(matches!(errors[0], CertError::NoCertificate { .. }));
     }
 }

@@ -311,6 +311,7 @@ mod tests {
             }],
             certificates: Vec::new(),
             default_certificate: None,
+            acme_challenges: Default::default(),
         };
         let fallback = crate::tls::self_signed_default().unwrap();
         state::compile_with(&snapshot, fallback, &Mutex::new(HashMap::new()), 1).unwrap()

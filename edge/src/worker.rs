@@ -460,6 +460,11 @@ async fn handle_connection(ctx: Rc<WorkerCtx>, stream: TcpStream, info: ConnInfo
                 match handshake {
                     Ok(Ok(tls_stream)) => {
                         crate::metrics::bump(&ctx.metrics().tls_handshakes);
+                        if tls::is_acme_tls_alpn(tls_stream.alpn_protocol().as_deref()) {
+                            // A TLS-ALPN-01 validation ends with the handshake (RFC 8737).
+                            debug!("ACME TLS-ALPN-01 handshake done, closing");
+                            return;
+                        }
                         http1::serve(ctx, tls_stream, info).await;
                     }
                     Ok(Err(e)) => {

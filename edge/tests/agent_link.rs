@@ -146,3 +146,130 @@ fn routes_file_and_socket_are_exclusive() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("cannot be combined"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn acme_http01_answered_before_redirect() {
+    let backend = Backend::start("site");
+    let dir = common::temp_dir("agent-acme-http01");
+    let edge = start(&dir);
+    let mut snapshot = snapshot_json(3, "Host(`t`)", &backend.url());
+    // The router is on `websecure` only, so plain HTTP for `t` is redirected.
+    snapshot["routers"][0]["entrypoints"] = serde_json::json!(["websecure"]);
+    snapshot["routers"][0]["tls"] = serde_json::json!(true);
+    snapshot["acme_challenges"] = serde_json::json!({
+        "http01": [{"token": "tok-en_1", "key_authorization": "tok-en_1.thumb"}]
+    });
+    let reply = push(
+        &dir.join("edge.sock"),
+        serde_json::json!({"type": "apply", "snapshot": snapshot}),
+    );
+    assert_eq!(reply["type"], "applied", "{reply}");
+
+    let challenge = request(
+        edge.http,
+        "GET /.well-known/acme-challenge/tok-en_1 HTTP/1.1\r\nHost: any.test\r\n\r\n",
+    );
+    assert_eq!(challenge.status, 200);
+    assert_eq!(challenge.text(), "tok-en_1.thumb");
+
+    let unknown = request(
+        edge.http,
+        "GET /.well-known/acme-challenge/other HTTP/1.1\r\nHost: t\r\n\r\n",
+    );
+    assert_eq!(unknown.status, 308);
+
+    // Over HTTPS the path is routed like any other.
+    let (code, body) = common::curl(&[
+        "-k",
+        "--resolve",
+        &format!("t:{}:127.0.0.1", edge.https.port()),
+        &format!(
+            "https://t:{}/.well-known/acme-challenge/tok-en_1",
+            edge.https.port()
+        ),
+    ]);
+    assert_eq!(code, 0, "{body}");
+    assert_ne!(body, "tok-en_1.thumb");
+
+    let invalid = serde_json::json!({
+        "type": "apply",
+        "snapshot": {
+            "version": 4, "routers": [], "services": [],
+            "acme_challenges": {"http01": [{"token": "a/b", "key_authorization": "x"}]}
+        }
+    });
+    let reply = push(&dir.join("edge.sock"), invalid);
+    assert_eq!(reply["type"], "rejected", "{reply}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs `openssl s_client` against `addr` with `sni` and `alpn`. Returns whether the server
+/// sent a certificate, and the output.
+fn tls_handshake(addr: std::net::SocketAddr, sni: &str, alpn: &str) -> (bool, String) {
+    let mut child = std::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            sni,
+        ])
+        .args(["-alpn", alpn, "-ign_eof"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl must be installed");
+    // A request after the handshake shows whether the edge serves HTTP on the connection.
+    let request = format!("GET / HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n");
+    let mut stdin = child.stdin.take().unwrap();
+    let _ = stdin.write_all(request.as_bytes());
+    drop(stdin);
+    let output = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (text.contains("BEGIN CERTIFICATE"), text)
+}
+
+#[test]
+fn acme_tls_alpn01_served_only_to_validation() {
+    let dir = common::temp_dir("agent-acme-tls-alpn");
+    let edge = start(&dir);
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["a.test".to_owned()]).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "acme challenge a.test");
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(&[1u8; 32])];
+    let cert = params.self_signed(&key).unwrap();
+    let snapshot = serde_json::json!({
+        "version": 1, "routers": [], "services": [],
+        "acme_challenges": {"tls_alpn01": [{
+            "name": "a.test",
+            "certificate": {"chain_pem": cert.pem(), "key_pem": key.serialize_pem()}
+        }]}
+    });
+    let reply = push(
+        &dir.join("edge.sock"),
+        serde_json::json!({"type": "apply", "snapshot": snapshot}),
+    );
+    assert_eq!(reply["type"], "applied", "{reply}");
+
+    let (ok, text) = tls_handshake(edge.https, "a.test", "acme-tls/1");
+    assert!(ok, "{text}");
+    assert!(text.contains("acme challenge a.test"), "{text}");
+    assert!(text.contains("ALPN protocol: acme-tls/1"), "{text}");
+    // The validation connection is closed after the handshake, never routed.
+    assert!(!text.contains("HTTP/1.1 "), "{text}");
+
+    // A normal client for the same name never gets the challenge certificate.
+    let (ok, text) = tls_handshake(edge.https, "a.test", "http/1.1");
+    assert!(ok, "{text}");
+    assert!(!text.contains("acme challenge"), "{text}");
+    assert!(text.contains("HTTP/1.1 404"), "{text}");
+
+    // A validation handshake for a name without a pending challenge fails.
+    let (ok, text) = tls_handshake(edge.https, "b.test", "acme-tls/1");
+    assert!(!ok, "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -23,6 +23,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
     ("python3", "python3"),
+    // The ACME tests run pebble and pebble-challtestsrv, which come in one package.
+    ("pebble", "pebble"),
 ];
 
 /// Debian packages that build the eBPF programs: the compiler and libbpf's headers
@@ -81,6 +83,7 @@ fn test() -> anyhow::Result<()> {
         .env("EDGE_BPF_REQUIRED", "1")
         .env("EDGE_E2E_BPF", "1")
         .env("EDGE_E2E_DOCKER", "1")
+        .env("EDGE_E2E_PEBBLE", "1")
         .env("DOCKER_HOST", docker::docker_host())
         .env("EDGE_E2E_DOCKERD_ARGS", docker::dockerd_args().join(" "))
         .env("EDGE_E2E_DOCKERD_LOG", &log));

@@ -59,6 +59,10 @@ enum Command {
     Unblock { cidr: String },
     /// List the blocked networks with the time left on each.
     Blocked,
+    /// ACME certificates: names, issuer, expiry, status, last error and next retry.
+    Certs,
+    /// Order the certificate for a name now, ignoring the backoff (after fixing DNS, say).
+    RetryCert { name: String },
 }
 
 fn main() -> ExitCode {
@@ -87,6 +91,8 @@ fn main() -> ExitCode {
         },
         Command::Unblock { cidr } => CtlRequest::Unblock { cidr: cidr.clone() },
         Command::Blocked => CtlRequest::Blocked,
+        Command::Certs => CtlRequest::Certs,
+        Command::RetryCert { name } => CtlRequest::RetryCert { name: name.clone() },
     };
     let response = match call(&socket, &request) {
         Ok(r) => r,
@@ -188,6 +194,70 @@ fn render(command: &Command, data: &Value) -> String {
                 table(data, &["cidr", "expires_in_secs", "origin"])
             }
         }
+        Command::Certs => render_certs(data),
+        Command::RetryCert { .. } => list_lines("ordering now:", &data["retrying"]),
+    }
+}
+
+/// Renders the certificate rows with readable times.
+fn render_certs(data: &Value) -> String {
+    let rows = data.as_array().map(Vec::as_slice).unwrap_or_default();
+    if rows.is_empty() {
+        return "no router requests a certificate from an ACME resolver\n".to_owned();
+    }
+    let now = std::time::SystemTime::now();
+    let rows: Vec<Value> = rows
+        .iter()
+        .map(|row| {
+            serde_json::json!({
+                "names": compact(&row["names"]),
+                "resolver": row["resolver"],
+                "issuer": row["issuer"],
+                "expires": unix_time(&row["not_after_unix"], now),
+                "status": row["status"],
+                "next_retry": unix_time(&row["next_retry_unix"], now),
+                "last_error": row["last_error"],
+            })
+        })
+        .collect();
+    table(
+        &Value::Array(rows),
+        &[
+            "names",
+            "resolver",
+            "issuer",
+            "expires",
+            "status",
+            "next_retry",
+            "last_error",
+        ],
+    )
+}
+
+/// Formats Unix seconds as UTC time with the distance from `now`, or `-` for null.
+fn unix_time(value: &Value, now: std::time::SystemTime) -> Value {
+    let Some(seconds) = value.as_i64() else {
+        return Value::Null;
+    };
+    let time = std::time::UNIX_EPOCH + Duration::from_secs(seconds.max(0) as u64);
+    let distance = match time.duration_since(now) {
+        Ok(ahead) => format!("in {}", short_duration(ahead)),
+        Err(e) => format!("{} ago", short_duration(e.duration())),
+    };
+    Value::String(format!(
+        "{} ({distance})",
+        humantime::format_rfc3339_seconds(time)
+    ))
+}
+
+/// Formats a duration in its largest whole unit: days, hours, minutes or seconds.
+fn short_duration(duration: Duration) -> String {
+    let seconds = duration.as_secs();
+    match seconds {
+        0..60 => format!("{seconds}s"),
+        60..3600 => format!("{}m", seconds / 60),
+        3600..86400 => format!("{}h", seconds / 3600),
+        _ => format!("{}d", seconds / 86400),
     }
 }
 

@@ -652,3 +652,54 @@ fn snapshot_takes_server_states() {
         .collect();
     assert_eq!(states, vec![ServerState::Draining, ServerState::Up]);
 }
+
+#[test]
+fn file_routers_request_certificates() {
+    let yaml = r#"
+http:
+  routers:
+    shop:
+      rule: "Host(`Shop.test`) || Host(`www.shop.test`)"
+      service: app
+      tls:
+        certResolver: le
+    docs:
+      rule: "Host(`docs.test`)"
+      service: app
+      tls:
+        certResolver: le
+        domains:
+          - main: docs.test
+            sans: [api.docs.test]
+    plain:
+      rule: "Host(`plain.test`)"
+      service: app
+      tls: {}
+  services:
+    app:
+      loadBalancer:
+        servers:
+          - url: "http://127.0.0.1:9"
+"#;
+    let routes = match file::parse_routes(yaml, Format::Yaml, Path::new("")) {
+        Ok(routes) => routes,
+        Err(errors) => panic!("invalid test routes file: {errors}"),
+    };
+    let requests = file_certificate_requests(&routes);
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    assert_eq!(requests[0].names, ["docs.test", "api.docs.test"]);
+    assert_eq!(requests[0].routers, ["docs"]);
+    assert_eq!(requests[1].names, ["shop.test", "www.shop.test"]);
+    assert_eq!(requests[1].resolver, "le");
+
+    // A label router asking for the same names shares the certificate.
+    let mut merged = vec![CertificateRequest {
+        resolver: "le".into(),
+        names: vec!["shop.test".into(), "www.shop.test".into()],
+        routers: vec!["site/web".into()],
+    }];
+    merge_certificate_requests(&mut merged, &requests);
+    assert_eq!(merged.len(), 2);
+    let shop = merged.iter().find(|r| r.names[0] == "shop.test").unwrap();
+    assert_eq!(shop.routers, ["shop", "site/web"]);
+}

@@ -84,6 +84,33 @@ pub struct ConfigError {
 /// Returns every error found: an unreadable file, a syntax error, unknown or unsupported keys,
 /// values of the wrong type, missing certificate files, and what [`validate`] reports.
 pub fn load(path: &Path) -> Result<Snapshot, ConfigErrors> {
+    load_routes(path).map(|routes| routes.snapshot)
+}
+
+/// A loaded routes file: the snapshot, and the ACME resolvers that its routers name, which
+/// the snapshot does not carry.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RoutesFile {
+    pub snapshot: Snapshot,
+    /// One entry per router with `tls.certResolver`, sorted by router name.
+    pub cert_resolvers: Vec<RouterCertResolver>,
+}
+
+/// The `tls.certResolver` and `tls.domains` of one router.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouterCertResolver {
+    pub router: String,
+    pub resolver: String,
+    /// `tls.domains`, each as its main name followed by its sans; empty when not given.
+    pub domains: Vec<Vec<String>>,
+}
+
+/// Reads a routes file as [`load`] does, and also returns the routers' ACME resolvers.
+///
+/// # Errors
+///
+/// As for [`load`].
+pub fn load_routes(path: &Path) -> Result<RoutesFile, ConfigErrors> {
     let text = fs::read_to_string(path).map_err(|error| {
         let message = read_error_message(path, &error);
         ConfigErrors(vec![ConfigError::new(
@@ -93,7 +120,7 @@ pub fn load(path: &Path) -> Result<Snapshot, ConfigErrors> {
         )])
     })?;
     let base_dir = path.parent().unwrap_or_else(|| Path::new(""));
-    parse(&text, Format::from_path(path), base_dir)
+    parse_routes(&text, Format::from_path(path), base_dir)
 }
 
 /// Parses a configuration in the given format. Relative certificate paths are resolved
@@ -104,6 +131,19 @@ pub fn load(path: &Path) -> Result<Snapshot, ConfigErrors> {
 ///
 /// Returns every error found, as [`load`] does, except that there is no file to read.
 pub fn parse(text: &str, format: Format, base_dir: &Path) -> Result<Snapshot, ConfigErrors> {
+    parse_routes(text, format, base_dir).map(|routes| routes.snapshot)
+}
+
+/// Parses a configuration as [`parse`] does, and also returns the routers' ACME resolvers.
+///
+/// # Errors
+///
+/// As for [`parse`].
+pub fn parse_routes(
+    text: &str,
+    format: Format,
+    base_dir: &Path,
+) -> Result<RoutesFile, ConfigErrors> {
     let root = match format {
         Format::Yaml => yaml_tree(text),
         Format::Toml => toml_tree(text),
@@ -114,14 +154,20 @@ pub fn parse(text: &str, format: Format, base_dir: &Path) -> Result<Snapshot, Co
         base_dir,
         errors: Vec::new(),
         skip_service_check: BTreeSet::new(),
+        cert_resolvers: Vec::new(),
     };
     let (snapshot, certificate_indexes) = loader.load_root(&root);
+    let mut cert_resolvers = std::mem::take(&mut loader.cert_resolvers);
+    cert_resolvers.sort_by(|a, b| a.router.cmp(&b.router));
     let mut errors = loader.errors;
     let keys = KeyStyle::File {
         certificate_indexes: &certificate_indexes,
     };
     check_snapshot(&snapshot, &keys, &loader.skip_service_check, &mut errors);
-    into_result(errors).map(|()| snapshot)
+    into_result(errors).map(|()| RoutesFile {
+        snapshot,
+        cert_resolvers,
+    })
 }
 
 /// Checks a snapshot: every router's rule parses, its service exists, its entry points are
@@ -334,8 +380,6 @@ struct RouterFile {
     observability: Option<Value>,
 }
 
-// Some fields are only type-checked: the edge accepts them and does not use them.
-#[allow(dead_code)]
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RouterTlsFile {
@@ -344,8 +388,6 @@ struct RouterTlsFile {
     options: Option<String>,
 }
 
-// Some fields are only type-checked: the edge accepts them and does not use them.
-#[allow(dead_code)]
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DomainFile {
@@ -566,6 +608,8 @@ struct Loader<'a> {
     /// Service references that already have an error, which the "service not found" check
     /// skips. These are services that failed to load and references to other providers.
     skip_service_check: BTreeSet<String>,
+    /// `tls.certResolver` of the routers read so far.
+    cert_resolvers: Vec<RouterCertResolver>,
 }
 
 impl Loader<'_> {
@@ -681,7 +725,7 @@ impl Loader<'_> {
                 self.error(&format!("{key}.ruleSyntax"), Some(syntax.clone()), message);
             }
         }
-        let tls = self.router_tls(&key, file.tls.as_ref(), tls_option_names);
+        let tls = self.router_tls(name, &key, file.tls.as_ref(), tls_option_names);
 
         let service = match file.service {
             Some(reference) => {
@@ -745,6 +789,7 @@ impl Loader<'_> {
     /// (`tls:` or `tls: {}`) or `true` enables it and `false` disables it.
     fn router_tls(
         &mut self,
+        router_name: &str,
         router_key: &str,
         value: Option<&Value>,
         tls_option_names: &BTreeSet<String>,
@@ -766,20 +811,33 @@ impl Loader<'_> {
             }
         };
 
-        // NOTE: the edge runs no ACME client, so certResolver and domains are only checked
-        // here. The agent obtains the certificates.
+        // The edge runs no ACME client: the agent reads certResolver and domains from
+        // `cert_resolvers` and obtains the certificates.
         let Some(tls) = tls else { return true };
+        let mut domains = Vec::new();
         for (index, domain) in tls.domains.unwrap_or_default().iter().enumerate() {
             let domain_key = format!("{key}.domains[{index}]");
             if let Some(domain) = self.decode::<DomainFile>(&domain_key, domain) {
-                if domain.main.as_deref().is_none_or(str::is_empty) {
-                    self.error(
+                match domain.main.filter(|main| !main.is_empty()) {
+                    Some(main) => {
+                        let mut names = vec![main];
+                        names.extend(domain.sans.unwrap_or_default());
+                        domains.push(names);
+                    }
+                    None => self.error(
                         &format!("{domain_key}.main"),
                         None,
                         "required key is missing",
-                    );
+                    ),
                 }
             }
+        }
+        if let Some(resolver) = tls.cert_resolver.filter(|r| !r.is_empty()) {
+            self.cert_resolvers.push(RouterCertResolver {
+                router: router_name.to_owned(),
+                resolver,
+                domains,
+            });
         }
         if let Some(options) = &tls.options {
             let options_key = format!("{key}.options");

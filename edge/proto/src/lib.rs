@@ -8,6 +8,7 @@ pub mod rule;
 pub mod snapshot;
 
 pub use snapshot::{
-    Balance, CertificatePem, Router, Server, ServerState, Service, Snapshot, ENTRYPOINT_WEB,
-    ENTRYPOINT_WEBSECURE,
+    AcmeChallenges, Balance, CertificatePem, Http01Challenge, Router, Server, ServerState, Service,
+    Snapshot, TlsAlpn01Challenge, ACME_HTTP_CHALLENGE_PREFIX, ACME_TLS_ALPN_PROTOCOL,
+    ENTRYPOINT_WEB, ENTRYPOINT_WEBSECURE,
 };

@@ -29,6 +29,56 @@ pub struct Snapshot {
     /// generates a self-signed one at start.
     #[serde(default)]
     pub default_certificate: Option<CertificatePem>,
+    /// ACME challenge responses that the edge serves while the agent's orders are validated.
+    #[serde(default, skip_serializing_if = "AcmeChallenges::is_empty")]
+    pub acme_challenges: AcmeChallenges,
+}
+
+/// Name of the ALPN protocol of the TLS-ALPN-01 challenge (RFC 8737).
+pub const ACME_TLS_ALPN_PROTOCOL: &[u8] = b"acme-tls/1";
+
+/// Path prefix of HTTP-01 challenge requests (RFC 8555, section 8.3).
+pub const ACME_HTTP_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+
+/// Challenge responses for pending ACME authorizations.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeChallenges {
+    /// HTTP-01 responses, served on the plain-HTTP listener before routing and redirects.
+    #[serde(default)]
+    pub http01: Vec<Http01Challenge>,
+    /// TLS-ALPN-01: served by the certificate resolver to clients that offer only the ALPN
+    /// protocol `acme-tls/1`.
+    #[serde(default)]
+    pub tls_alpn01: Vec<TlsAlpn01Challenge>,
+}
+
+impl AcmeChallenges {
+    /// Returns whether no challenge is pending.
+    pub fn is_empty(&self) -> bool {
+        self.http01.is_empty() && self.tls_alpn01.is_empty()
+    }
+}
+
+/// One HTTP-01 challenge: `GET /.well-known/acme-challenge/TOKEN` returns the key
+/// authorization.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http01Challenge {
+    /// The token from the CA, base64url characters only.
+    pub token: String,
+    /// `TOKEN.THUMBPRINT`, the response body.
+    pub key_authorization: String,
+}
+
+/// One TLS-ALPN-01 challenge: the self-signed certificate with the `acmeIdentifier`
+/// extension for `name`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsAlpn01Challenge {
+    /// The DNS name being validated, lower case.
+    pub name: String,
+    pub certificate: CertificatePem,
 }
 
 /// One router: a rule that selects requests and the service that serves them.
