@@ -19,7 +19,7 @@ use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use crate::state::Compiled;
 
 /// ALPN protocols offered to clients, most preferred first.
-pub const ALPN_PROTOCOLS: &[&[u8]] = &[b"http/1.1"];
+pub const ALPN_PROTOCOLS: &[&[u8]] = &[b"h2", b"http/1.1"];
 
 /// Reason a certificate could not be loaded.
 #[derive(Debug, thiserror::Error)]
