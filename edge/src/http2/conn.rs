@@ -77,6 +77,8 @@ where
     let settings = &ctx.shared.settings;
     let verdict: Verdict = Rc::new(Cell::new(None));
     let io = FrameGuard::new(StreamWrapper::new(stream), verdict.clone());
+    // NOTE: h2 0.4.21 applies the header list limit only once the client acknowledges these
+    // settings. Before that, a client's header blocks may decode to 16 MiB per stream.
     let mut builder = h2::server::Builder::new();
     builder
         .max_concurrent_streams(settings.h2_max_concurrent_streams)
@@ -152,6 +154,8 @@ where
                 let flood = verdict.get().map_or("unknown", |f| f.name());
                 ctx.metrics().h2_abuse_closed();
                 info!(peer.addr = %state.info.peer, flood, "closing an abusive HTTP/2 connection with GOAWAY");
+                // NOTE: unread flood bytes are left in the socket, so the kernel may answer the
+                // close with a TCP reset that discards the GOAWAY before the client reads it.
                 conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
                 let _ =
                     monoio::time::timeout(CLOSE_TIMEOUT, poll_fn(|cx| conn.poll_closed(cx))).await;

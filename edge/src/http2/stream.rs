@@ -383,6 +383,8 @@ async fn forward(
             ctx.metrics().upstream_error(UpstreamErrorKind::Reset);
             return Err(ForwardError::Status(502, Some(addr)));
         }
+        // NOTE: the request body is sent in full before the response is read, as for
+        // HTTP/1.1, so bidirectional streaming (gRPC) to an HTTP/1.1 backend is not possible.
         if has_body {
             send_request_body(ctx, body, &mut upstream, framing, body_limit, &mut out)
                 .await
@@ -676,6 +678,8 @@ async fn relay_response(
         idle: settings.body_idle_timeout,
         max_bytes: None,
     };
+    // NOTE: while the body streams, a client reset is noticed at the next DATA write, so a
+    // stalled backend holds its connection until the body idle timeout.
     let mut trailers = Vec::new();
     let mut sink = H2Sink { stream: &mut send };
     let pumped = pump_body(
