@@ -34,10 +34,9 @@ pub struct ForwardInfo<'a> {
 }
 
 /// Writes the HTTP/1.1 request line, `Host`, the client's end-to-end `fields` and the proxy's
-/// forwarding headers into `out` (cleared first). Forwarding headers from an untrusted peer
-/// are dropped and set afresh, so a client can never remove or forge them. The caller has
-/// already removed hop-by-hop fields, `Host`, `Content-Length` and `Expect` from `fields`, and
-/// appends the framing fields and the final CRLF.
+/// forwarding headers into `out` (cleared first). The caller has already removed hop-by-hop
+/// fields, `Host`, `Content-Length` and `Expect` from `fields`, and appends the framing fields
+/// and the final CRLF.
 pub fn write_request_head<'h>(
     out: &mut Vec<u8>,
     fwd: &ForwardInfo<'_>,
@@ -55,7 +54,17 @@ pub fn write_request_head<'h>(
     out.extend_from_slice(b"Host: ");
     out.extend_from_slice(fwd.host);
     out.extend_from_slice(b"\r\n");
+    forwarded_fields(fwd, fields, |name, value| push_field(out, name, value));
+}
 
+/// Passes the client's end-to-end `fields` and then the proxy's forwarding headers to `emit`,
+/// in the order they are sent. Forwarding headers from an untrusted peer are dropped and set
+/// afresh, so a client can never remove or forge them.
+pub fn forwarded_fields<'h>(
+    fwd: &ForwardInfo<'_>,
+    fields: impl IntoIterator<Item = (&'h [u8], &'h [u8])>,
+    mut emit: impl FnMut(&[u8], &[u8]),
+) {
     let trusted_peer = fwd.trusted_peer;
     let mut prior_xff: Option<&[u8]> = None;
     let mut has_request_id = false;
@@ -79,40 +88,39 @@ pub fn write_request_head<'h>(
                     trusted_real_ip = Some(value);
                     continue;
                 }
-                push_field(out, name, value);
+                emit(name, value);
             }
             continue;
         }
         if name.eq_ignore_ascii_case(b"x-request-id") {
             has_request_id = true;
         }
-        push_field(out, name, value);
+        emit(name, value);
     }
 
     let mut ip_text = [0u8; 64];
     let ip = format_ip(fwd.client_ip, &mut ip_text);
-    out.extend_from_slice(b"X-Forwarded-For: ");
+    let mut xff = Vec::with_capacity(64);
     if let Some(prior) = prior_xff {
-        out.extend_from_slice(prior);
-        out.extend_from_slice(b", ");
+        xff.extend_from_slice(prior);
+        xff.extend_from_slice(b", ");
     }
-    out.extend_from_slice(ip);
-    out.extend_from_slice(b"\r\n");
-    push_field(
-        out,
+    xff.extend_from_slice(ip);
+    emit(b"X-Forwarded-For", &xff);
+    emit(
         b"X-Forwarded-Proto",
         trusted_proto.unwrap_or(if fwd.tls { b"https" } else { b"http" }),
     );
     if let Some(fwd_host) = trusted_fwd_host.or((!fwd.raw_host.is_empty()).then_some(fwd.raw_host))
     {
-        push_field(out, b"X-Forwarded-Host", fwd_host);
+        emit(b"X-Forwarded-Host", fwd_host);
     }
-    out.extend_from_slice(b"X-Forwarded-Port: ");
-    push_decimal(out, u64::from(fwd.local_port));
-    out.extend_from_slice(b"\r\n");
-    push_field(out, b"X-Real-Ip", trusted_real_ip.unwrap_or(ip));
+    let mut port = Vec::with_capacity(5);
+    push_decimal(&mut port, u64::from(fwd.local_port));
+    emit(b"X-Forwarded-Port", &port);
+    emit(b"X-Real-Ip", trusted_real_ip.unwrap_or(ip));
     if !has_request_id {
-        push_field(out, b"X-Request-Id", fwd.request_id.as_str().as_bytes());
+        emit(b"X-Request-Id", fwd.request_id.as_str().as_bytes());
     }
 }
 
@@ -156,7 +164,7 @@ pub async fn open_connection(
     }
 }
 
-async fn connect(
+pub async fn connect(
     addr: SocketAddr,
     limit: Duration,
 ) -> Result<TcpStream, (UpstreamErrorKind, String)> {

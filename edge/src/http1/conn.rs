@@ -393,6 +393,8 @@ where
     S: AsyncReadRent + AsyncWriteRent,
 {
     let settings = &ctx.shared.settings;
+    // NOTE: HTTP/1.1 requests always go to backends over HTTP/1.1, so an h2c-only backend
+    // (most gRPC servers) answers them with a protocol error and the client gets 502.
     let service = &compiled.services[router.service];
     let framing = req.head.framing();
     let body_limit = router

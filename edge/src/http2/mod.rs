@@ -1,8 +1,10 @@
 //! HTTP/2 towards clients (h2 over TLS), forwarded to the same HTTP/1.1 backend pools as
-//! HTTP/1.1 requests.
+//! HTTP/1.1 requests, or over h2c to backends whose URL scheme is `h2c` (gRPC).
 
+pub mod client;
 mod conn;
 pub mod guard;
+mod h2c;
 mod stream;
 
 pub use conn::serve;
