@@ -154,8 +154,6 @@ where
                 let flood = verdict.get().map_or("unknown", |f| f.name());
                 ctx.metrics().h2_abuse_closed();
                 info!(peer.addr = %state.info.peer, flood, "closing an abusive HTTP/2 connection with GOAWAY");
-                // NOTE: unread flood bytes are left in the socket, so the kernel may answer the
-                // close with a TCP reset that discards the GOAWAY before the client reads it.
                 conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
                 let _ =
                     monoio::time::timeout(CLOSE_TIMEOUT, poll_fn(|cx| conn.poll_closed(cx))).await;

@@ -10,11 +10,12 @@
 
 use std::{
     cell::Cell,
+    future::Future,
     io,
     pin::Pin,
     rc::Rc,
-    task::{Context, Poll},
-    time::Instant,
+    task::{ready, Context, Poll},
+    time::{Duration, Instant},
 };
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -22,6 +23,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// The client connection preface that precedes the first frame (RFC 9113 section 3.4).
 const PREFACE_LEN: usize = 24;
 const FRAME_HEADER_LEN: usize = 9;
+/// How long a client's remaining bytes are read and discarded after GOAWAY, before the socket
+/// is closed.
+const LINGER: Duration = Duration::from_secs(1);
 
 const TYPE_DATA: u8 = 0x0;
 const TYPE_HEADERS: u8 = 0x1;
@@ -209,10 +213,17 @@ pub type Verdict = Rc<Cell<Option<Flood>>>;
 /// An IO wrapper that meters what the client sends. Once the client is found abusive, reads
 /// stay pending, so h2 processes nothing more from it while the connection task sends GOAWAY
 /// and closes.
+///
+/// Closing a socket that still has unread bytes makes the kernel send a TCP reset, and a reset
+/// can destroy the GOAWAY before the client reads it. So after shutting down its write side,
+/// the guard reads and discards until the client closes, for up to [`LINGER`] (a lingering
+/// close, as nginx does). This matters most for a flooding client, whose GOAWAY says why.
 pub struct FrameGuard<T> {
     io: T,
     meter: FrameMeter,
     verdict: Verdict,
+    write_shut: bool,
+    linger: Option<Pin<Box<monoio::time::Sleep>>>,
 }
 
 impl<T> FrameGuard<T> {
@@ -221,6 +232,8 @@ impl<T> FrameGuard<T> {
             io,
             meter: FrameMeter::new(Instant::now()),
             verdict,
+            write_shut: false,
+            linger: None,
         }
     }
 }
@@ -250,7 +263,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for FrameGuard<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for FrameGuard<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for FrameGuard<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -264,7 +277,27 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FrameGuard<T> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        if !this.write_shut {
+            ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+            this.write_shut = true;
+        }
+        let linger = this
+            .linger
+            .get_or_insert_with(|| Box::pin(monoio::time::sleep(LINGER)));
+        if linger.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ok(()));
+        }
+        let mut scratch = [0u8; 4096];
+        loop {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.io).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
