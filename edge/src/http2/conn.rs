@@ -77,8 +77,6 @@ where
     let settings = &ctx.shared.settings;
     let verdict: Verdict = Rc::new(Cell::new(None));
     let io = FrameGuard::new(StreamWrapper::new(stream), verdict.clone());
-    // NOTE: h2 0.4.21 applies the header list limit only once the client acknowledges these
-    // settings. Before that, a client's header blocks may decode to 16 MiB per stream.
     let mut builder = h2::server::Builder::new();
     builder
         .max_concurrent_streams(settings.h2_max_concurrent_streams)
