@@ -304,6 +304,44 @@ fn ping_and_settings_floods_closed() {
     legit.expect_all_ok();
 }
 
+#[test]
+fn slow_reader_holds_bounded_memory() {
+    const STREAMS: u32 = 50;
+    let backend = Backend::start("app");
+    let edge = h2_edge("h2-slow-reader", &backend);
+    let before_kib = edge.rss_kib();
+    let legit = LegitClient::start(&edge, &backend);
+
+    // Requests for 8 MiB each from a client that never reads: without flow control the edge
+    // would buffer 400 MiB for it.
+    let mut reader = RawClient::connect(edge.https);
+    let mut frames = Vec::new();
+    for i in 0..STREAMS {
+        frames.extend(headers_frame(
+            2 * i + 1,
+            &get_block("a.test", "/bytes/8388608"),
+            true,
+        ));
+    }
+    reader.send(&frames);
+    let forwarded = || {
+        let requests = backend.requests.lock().unwrap();
+        requests
+            .iter()
+            .filter(|r| r.path.starts_with("/bytes/"))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while forwarded() < STREAMS as usize && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(forwarded(), STREAMS as usize);
+    legit.expect_all_ok();
+    let growth_kib = edge.peak_rss_kib().saturating_sub(before_kib);
+    assert!(growth_kib < 32 * 1024, "memory grew by {growth_kib} KiB");
+    drop(reader);
+}
+
 /// A legitimate client: curl fetching many URLs over one HTTP/2 connection while a test
 /// floods the same worker.
 struct LegitClient {
