@@ -19,9 +19,11 @@ use tonic::{
     client::Grpc as GrpcClient,
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
     codegen::{http, BoxFuture, Service},
-    server::{Grpc as GrpcServer, NamedService, ServerStreamingService, UnaryService},
+    server::{
+        Grpc as GrpcServer, NamedService, ServerStreamingService, StreamingService, UnaryService,
+    },
     transport::{Certificate, Channel, ClientTlsConfig, Server},
-    Code, Request, Response, Status,
+    Code, Request, Response, Status, Streaming,
 };
 
 /// Encodes and decodes messages as their raw bytes.
@@ -66,8 +68,9 @@ impl Decoder for RawCodec {
     }
 }
 
-/// `test.Echo`: `Unary` echoes its message with a prefix, `Count` streams N messages, `Fail`
-/// returns NOT_FOUND without a message, and `Stall` stops after its first message.
+/// `test.Echo`: `Unary` echoes its message with a prefix, `Count` streams N messages, `Chat`
+/// echoes a stream, `Fail` returns NOT_FOUND without a message, and `Stall` stops after its
+/// first message.
 #[derive(Clone)]
 struct Echo;
 
@@ -145,6 +148,28 @@ impl ServerStreamingService<Vec<u8>> for Count {
     }
 }
 
+/// Echoes each message of a bidirectional stream as it arrives.
+struct Chat;
+
+impl StreamingService<Vec<u8>> for Chat {
+    type Response = Vec<u8>;
+    type ResponseStream = BoxStream;
+    type Future = BoxFuture<Response<BoxStream>, Status>;
+
+    fn call(&mut self, request: Request<Streaming<Vec<u8>>>) -> Self::Future {
+        use futures_util::StreamExt;
+        let replies = request.into_inner().map(|message| {
+            message.map(|m| {
+                let mut reply = b"re: ".to_vec();
+                reply.extend_from_slice(&m);
+                reply
+            })
+        });
+        let stream: BoxStream = Box::pin(replies);
+        Box::pin(async move { Ok(Response::new(stream)) })
+    }
+}
+
 impl Service<http::Request<Body>> for Echo {
     type Response = http::Response<Body>;
     type Error = Infallible;
@@ -168,6 +193,7 @@ impl Service<http::Request<Body>> for Echo {
                 "/test.Echo/Unary" => grpc.unary(UnaryEcho, request).await,
                 "/test.Echo/Fail" => grpc.unary(Failing, request).await,
                 "/test.Echo/Stall" => grpc.server_streaming(Stall, request).await,
+                "/test.Echo/Chat" => grpc.streaming(Chat, request).await,
                 "/test.Echo/Count" => grpc.server_streaming(Count, request).await,
                 _ => Status::unimplemented("no such method").into_http(),
             };
@@ -313,6 +339,23 @@ async fn grpc_calls_through_edge() {
     }
     assert_eq!(items, ["item 0", "item 1", "item 2", "item 3", "item 4"]);
 
+    // Bidirectional streaming: each reply arrives before the next message is sent, so the
+    // edge must relay both directions at once.
+    grpc.ready().await.unwrap();
+    let (outgoing, receiver) = tokio::sync::mpsc::channel::<Vec<u8>>(1);
+    let requests = tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(receiver);
+    outgoing.send(b"one".to_vec()).await.unwrap();
+    let mut replies = grpc
+        .streaming(Request::new(requests), path("Chat"), RawCodec)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replies.message().await.unwrap(), Some(b"re: one".to_vec()));
+    outgoing.send(b"two".to_vec()).await.unwrap();
+    assert_eq!(replies.message().await.unwrap(), Some(b"re: two".to_vec()));
+    drop(outgoing);
+    assert_eq!(replies.message().await.unwrap(), None);
+
     // A trailers-only error keeps its code and message.
     grpc.ready().await.unwrap();
     let status = grpc
@@ -338,5 +381,5 @@ async fn grpc_calls_through_edge() {
 
     // One client connection reaches one worker, which reused one backend connection.
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
-    edge.expect_metric("edge_requests_total{route=\"grpc\",code=\"2xx\",protocol=\"h2\"} 4");
+    edge.expect_metric("edge_requests_total{route=\"grpc\",code=\"2xx\",protocol=\"h2\"} 5");
 }
