@@ -20,9 +20,9 @@ use h2::{server::SendResponse, Reason, RecvStream, SendStream};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
 use tracing::debug;
 
-use super::stream::{send_local, ForwardedRequest, Outcome};
+use super::stream::{send_head, send_local, ForwardedRequest, Outcome};
 use crate::{
-    forward::{forwarded_fields, ForwardInfo},
+    forward::forwarded_fields,
     http1::head::is_hop_by_hop,
     metrics::UpstreamErrorKind,
     state::{Compiled, CompiledRouter},
@@ -185,17 +185,7 @@ fn build_request(
         .path_and_query(std::str::from_utf8(req.target).ok()?)
         .build()
         .ok()?;
-    let fwd = ForwardInfo {
-        method: req.parts.method.as_str().as_bytes(),
-        target: req.target,
-        host,
-        raw_host: req.raw_host,
-        client_ip: req.client_ip,
-        request_id: req.request_id,
-        tls: info.is_tls(),
-        local_port: info.local_port,
-        trusted_peer,
-    };
+    let fwd = req.forward_info(host, info, trusted_peer);
     let fields = req
         .parts
         .headers
@@ -305,16 +295,12 @@ async fn relay_response(
         }
     }
     let trailers_only = body.is_end_stream();
-    let mut send = match respond.send_response(head, trailers_only) {
-        Ok(send) => send,
-        Err(e) => {
-            debug!(error = %e, "sending the response head failed");
-            return Outcome {
-                status,
-                bytes: 0,
-                upstream: Some(addr),
-            };
-        }
+    let Some(mut send) = send_head(&mut respond, head, trailers_only) else {
+        return Outcome {
+            status,
+            bytes: 0,
+            upstream: Some(addr),
+        };
     };
     if trailers_only {
         return Outcome {
