@@ -6,5 +6,6 @@ mod conn;
 pub mod guard;
 mod h2c;
 mod stream;
+mod to_http1;
 
 pub use conn::serve;
