@@ -383,3 +383,44 @@ async fn grpc_calls_through_edge() {
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
     edge.expect_metric("edge_requests_total{route=\"grpc\",code=\"2xx\",protocol=\"h2\"} 5");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_request_reaches_h2c_backend() {
+    let (server, _) = start_server().await;
+    let (edge, _) = start_edge(server);
+    let http = edge.http;
+    let raw = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(http).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        // One gRPC message: not compressed, 2 bytes long, "hi".
+        let message = [0u8, 0, 0, 0, 2, b'h', b'i'];
+        let head = "POST /test.Echo/Unary HTTP/1.1\r\nHost: grpc.test\r\n\
+                    Content-Type: application/grpc\r\nTE: trailers\r\n\
+                    Content-Length: 7\r\nConnection: close\r\n\r\n";
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(&message).unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).unwrap();
+        response
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    assert!(
+        text.starts_with("HTTP/1.1 200 OK\r\n"),
+        "response: {text:?}"
+    );
+    assert!(
+        text.contains("transfer-encoding: chunked") || text.contains("Transfer-Encoding: chunked"),
+        "response: {text:?}"
+    );
+    // The reply message, then the gRPC status in the trailer section of the last chunk.
+    assert!(text.contains("echo: hi"), "response: {text:?}");
+    assert!(
+        text.contains("\r\n0\r\ngrpc-status: 0\r\n"),
+        "response: {text:?}"
+    );
+}

@@ -48,6 +48,8 @@ use crate::{
     worker::{ConnInfo, RequestId, WorkerCtx},
 };
 
+mod to_h2c;
+
 /// Initial read buffer per connection and the free space requested for each head read.
 const HEAD_READ_BYTES: usize = 8 * 1024;
 /// Backends tried for one request, counting retries on a fresh connection.
@@ -368,6 +370,28 @@ struct Request<'a> {
     client_ip: IpAddr,
 }
 
+impl Request<'_> {
+    /// Returns what the backend is told about this request besides its header fields.
+    fn forward_info<'a>(
+        &'a self,
+        host: &'a [u8],
+        info: &ConnInfo,
+        trusted_peer: bool,
+    ) -> ForwardInfo<'a> {
+        ForwardInfo {
+            method: self.method,
+            target: &self.head_bytes[self.head.path_and_query.clone()],
+            host,
+            raw_host: self.raw_host,
+            client_ip: self.client_ip,
+            request_id: self.request_id,
+            tls: info.is_tls(),
+            local_port: info.local_port,
+            trusted_peer,
+        }
+    }
+}
+
 /// Failure of one attempt to exchange with a backend.
 enum AttemptError {
     /// Nothing was consumed from the client; another backend or connection may be tried.
@@ -393,8 +417,6 @@ where
     S: AsyncReadRent + AsyncWriteRent,
 {
     let settings = &ctx.shared.settings;
-    // NOTE: HTTP/1.1 requests always go to backends over HTTP/1.1, so an h2c-only backend
-    // (most gRPC servers) answers them with a protocol error and the client gets 502.
     let service = &compiled.services[router.service];
     let framing = req.head.framing();
     let body_limit = router
@@ -405,6 +427,11 @@ where
             let bytes = respond_local(client, 413, None, true, &mut bufs.out).await;
             return Exchange::local(413, bytes, true);
         }
+    }
+    // NOTE: the scheme of a service's first server decides the protocol for all of them.
+    if service.servers.first().is_some_and(|s| s.h2c) {
+        let forwarded = to_h2c::proxy_h2c(ctx, client, bufs, info, compiled, router, req);
+        return forwarded.await;
     }
 
     // A body that arrived with the head is sent with it and can be sent again on retry.
@@ -887,17 +914,7 @@ fn build_upstream_head(
 ) {
     let head = req.head;
     let bytes = req.head_bytes;
-    let fwd = ForwardInfo {
-        method: req.method,
-        target: &bytes[head.path_and_query.clone()],
-        host,
-        raw_host: req.raw_host,
-        client_ip: req.client_ip,
-        request_id: req.request_id,
-        tls: info.is_tls(),
-        local_port: info.local_port,
-        trusted_peer,
-    };
+    let fwd = req.forward_info(host, info, trusted_peer);
     let fields = head
         .headers
         .iter()
