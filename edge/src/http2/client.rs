@@ -35,18 +35,24 @@ impl H2cPool {
         addr: SocketAddr,
         route: &str,
     ) -> Result<SendRequest<Bytes>, UpstreamErrorKind> {
+        let settings = &ctx.shared.settings;
         let pooled = self.senders.borrow().get(&addr).cloned();
         if let Some(sender) = pooled {
-            match sender.ready().await {
-                Ok(sender) => return Ok(sender),
-                Err(e) => {
+            // Waits while the backend's stream limit is reached, at most the response timeout.
+            match monoio::time::timeout(settings.upstream_response_timeout, sender.ready()).await {
+                Ok(Ok(sender)) => return Ok(sender),
+                Ok(Err(e)) => {
                     debug!(upstream = %addr, error = %e, "pooled h2c connection is closed");
                     self.senders.borrow_mut().remove(&addr);
+                }
+                Err(_) => {
+                    ctx.metrics()
+                        .upstream_error(UpstreamErrorKind::ResponseTimeout);
+                    return Err(UpstreamErrorKind::ResponseTimeout);
                 }
             }
         }
 
-        let settings = &ctx.shared.settings;
         let stream = match connect(addr, settings.upstream_connect_timeout).await {
             Ok(stream) => stream,
             Err((kind, message)) => {

@@ -57,10 +57,9 @@ pub async fn proxy_h2c(
     let sender = match ctx.h2c.sender(ctx, addr, &router.name).await {
         Ok(sender) => sender,
         Err(kind) => {
-            let status = if kind == UpstreamErrorKind::ConnectTimeout {
-                504
-            } else {
-                502
+            let status = match kind {
+                UpstreamErrorKind::ConnectTimeout | UpstreamErrorKind::ResponseTimeout => 504,
+                _ => 502,
             };
             return Outcome {
                 upstream: Some(addr),

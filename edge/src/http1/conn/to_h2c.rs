@@ -75,10 +75,9 @@ where
     let mut sender = match ctx.h2c.sender(ctx, addr, &router.name).await {
         Ok(sender) => sender,
         Err(kind) => {
-            let status = if kind == UpstreamErrorKind::ConnectTimeout {
-                504
-            } else {
-                502
+            let status = match kind {
+                UpstreamErrorKind::ConnectTimeout | UpstreamErrorKind::ResponseTimeout => 504,
+                _ => 502,
             };
             let bytes = respond_local(client, status, None, true, &mut bufs.out).await;
             return Exchange {
