@@ -381,7 +381,7 @@ async fn grpc_calls_through_edge() {
 
     // One client connection reaches one worker, which reused one backend connection.
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
-    edge.expect_metric("edge_requests_total{route=\"grpc\",code=\"2xx\",protocol=\"h2\"} 5");
+    edge.expect_metric("edge_requests_total{route=\"grpc\",code=\"2xx\",protocol=\"h2\"} 5\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

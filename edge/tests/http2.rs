@@ -62,8 +62,8 @@ fn curl_gets_200_over_h2() {
     assert_eq!(code, 0);
     assert!(out.starts_with("HTTP/1.1 200"), "response: {out}");
 
-    edge.expect_metric("edge_requests_total{route=\"app\",code=\"2xx\",protocol=\"h2\"} 1");
-    edge.expect_metric("edge_requests_total{route=\"app\",code=\"2xx\",protocol=\"http/1.1\"} 1");
+    edge.expect_metric("edge_requests_total{route=\"app\",code=\"2xx\",protocol=\"h2\"} 1\n");
+    edge.expect_metric("edge_requests_total{route=\"app\",code=\"2xx\",protocol=\"http/1.1\"} 1\n");
     let mut protocols = Vec::new();
     for _ in 0..100 {
         protocols = edge
@@ -209,7 +209,7 @@ fn rapid_reset_closed_while_others_served() {
         "backend saw {}",
         backend.request_count()
     );
-    edge.expect_metric("edge_h2_abusive_connections_total 1");
+    edge.expect_metric("edge_h2_abusive_connections_total 1\n");
 }
 
 #[test]
@@ -243,6 +243,7 @@ fn continuation_floods_closed_while_others_served() {
         outcome.reset_streams
     );
     legit.expect_all_ok();
+    edge.expect_metric("edge_h2_abusive_connections_total 2\n");
 }
 
 #[test]
@@ -302,6 +303,7 @@ fn ping_and_settings_floods_closed() {
         );
     }
     legit.expect_all_ok();
+    edge.expect_metric("edge_h2_abusive_connections_total 2\n");
 }
 
 #[test]
