@@ -100,13 +100,16 @@ pub fn forwarded_fields<'h>(
 
     let mut ip_text = [0u8; 64];
     let ip = format_ip(fwd.client_ip, &mut ip_text);
-    let mut xff = Vec::with_capacity(64);
-    if let Some(prior) = prior_xff {
-        xff.extend_from_slice(prior);
-        xff.extend_from_slice(b", ");
+    match prior_xff {
+        Some(prior) => {
+            let mut xff = Vec::with_capacity(prior.len() + 2 + ip.len());
+            xff.extend_from_slice(prior);
+            xff.extend_from_slice(b", ");
+            xff.extend_from_slice(ip);
+            emit(b"X-Forwarded-For", &xff);
+        }
+        None => emit(b"X-Forwarded-For", ip),
     }
-    xff.extend_from_slice(ip);
-    emit(b"X-Forwarded-For", &xff);
     emit(
         b"X-Forwarded-Proto",
         trusted_proto.unwrap_or(if fwd.tls { b"https" } else { b"http" }),
@@ -115,9 +118,11 @@ pub fn forwarded_fields<'h>(
     {
         emit(b"X-Forwarded-Host", fwd_host);
     }
-    let mut port = Vec::with_capacity(5);
-    push_decimal(&mut port, u64::from(fwd.local_port));
-    emit(b"X-Forwarded-Port", &port);
+    let mut port_text = [0u8; 5];
+    emit(
+        b"X-Forwarded-Port",
+        format_port(fwd.local_port, &mut port_text),
+    );
     emit(b"X-Real-Ip", trusted_real_ip.unwrap_or(ip));
     if !has_request_id {
         emit(b"X-Request-Id", fwd.request_id.as_str().as_bytes());
@@ -206,6 +211,20 @@ pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
         }
     }
     out.extend_from_slice(&digits[i..]);
+}
+
+fn format_port(port: u16, buf: &mut [u8; 5]) -> &[u8] {
+    let mut start = buf.len();
+    let mut rest = port;
+    loop {
+        start -= 1;
+        buf[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    &buf[start..]
 }
 
 fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
@@ -387,6 +406,14 @@ mod tests {
             https_location("a.test", b"a.test", b"/", 443),
             "https://a.test/"
         );
+    }
+
+    #[test]
+    fn port_formatting() {
+        let mut buf = [0u8; 5];
+        assert_eq!(format_port(0, &mut buf), b"0");
+        assert_eq!(format_port(443, &mut buf), b"443");
+        assert_eq!(format_port(65535, &mut buf), b"65535");
     }
 
     #[test]
