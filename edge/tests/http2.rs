@@ -121,6 +121,60 @@ fn request_body_and_cookies_forwarded() {
 }
 
 #[test]
+fn settings_advertise_limits() {
+    let backend = Backend::start("app");
+    let edge = h2_edge("h2-settings", &backend);
+    let mut client = RawClient::connect(edge.https);
+    let outcome = client.read_until(|o| !o.settings.is_empty());
+    let setting = |id: u16| {
+        outcome
+            .settings
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, v)| *v)
+    };
+    // SETTINGS_MAX_CONCURRENT_STREAMS and SETTINGS_MAX_HEADER_LIST_SIZE.
+    assert_eq!(setting(0x3), Some(100));
+    assert_eq!(setting(0x6), Some(64 * 1024));
+}
+
+#[test]
+fn oversized_headers_refused_connection_kept() {
+    let backend = Backend::start("app");
+    let edge = h2_edge("h2-header-limit", &backend);
+    let mut client = RawClient::connect(edge.https);
+
+    // A 70 KB header list, over the 64 KiB limit, in a HEADERS and four CONTINUATION frames.
+    let mut block = get_block("a.test", "/too-big");
+    block.extend(literal_header(b"x-big", &vec![b'v'; 70_000]));
+    let pieces: Vec<&[u8]> = block.chunks(16_000).collect();
+    let mut frames = frame(0x1, 0x1, 1, pieces[0]);
+    for (i, piece) in pieces.iter().enumerate().skip(1) {
+        let end_headers = if i == pieces.len() - 1 { 0x4 } else { 0 };
+        frames.extend(frame(0x9, end_headers, 1, piece));
+    }
+    // A normal request on the same connection afterwards.
+    frames.extend(headers_frame(3, &get_block("a.test", "/after"), true));
+    client.send(&frames);
+
+    let outcome = client.read_until(|o| o.answered.contains(&3) || o.goaway.is_some());
+    assert_eq!(outcome.goaway, None);
+    assert!(
+        outcome.answered.contains(&1) || outcome.reset_streams.contains(&1),
+        "the oversized request was neither answered nor reset"
+    );
+    assert!(outcome.answered.contains(&3));
+    let paths: Vec<String> = backend
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(paths, ["/after"]);
+}
+
+#[test]
 fn large_bodies_stream_with_bounded_memory() {
     const SIZE: usize = 64 << 20;
     let backend = Backend::start("app");
@@ -393,6 +447,8 @@ struct Outcome {
     goaway: Option<u32>,
     /// Streams the server sent HEADERS on.
     answered: Vec<u32>,
+    /// Identifiers and values of the server's SETTINGS frames that are not acknowledgements.
+    settings: Vec<(u16, u32)>,
     reset_streams: Vec<u32>,
 }
 
@@ -484,6 +540,13 @@ impl RawClient {
                     ]));
                 }
                 0x1 => outcome.answered.push(stream),
+                0x4 if data[4] & 0x1 == 0 => {
+                    for pair in payload.chunks_exact(6) {
+                        let id = u16::from_be_bytes([pair[0], pair[1]]);
+                        let value = u32::from_be_bytes([pair[2], pair[3], pair[4], pair[5]]);
+                        outcome.settings.push((id, value));
+                    }
+                }
                 0x3 => outcome.reset_streams.push(stream),
                 _ => {}
             }
