@@ -1,5 +1,5 @@
-//! Request forwarding shared by the HTTP/1.1 and HTTP/2 front ends: the routing inputs (host
-//! and path), the request head sent to a backend with the proxy's forwarding headers, opening
+//! Request forwarding shared by the HTTP/1.1 and HTTP/2 front ends. It covers the routing
+//! inputs (host and path), the request head and forwarding headers sent to a backend, opening
 //! backend connections, and the text of the responses the edge generates itself.
 
 use std::{
@@ -16,7 +16,7 @@ use crate::{
     worker::{RequestId, WorkerCtx},
 };
 
-/// What the backend is told about one request besides its own header fields.
+/// The facts about one request that the backend receives besides its own header fields.
 pub struct ForwardInfo<'a> {
     pub method: &'a [u8],
     /// Path and query as the client sent them.

@@ -69,7 +69,7 @@ pub enum Protocol {
 impl Protocol {
     const ALL: [Protocol; 2] = [Protocol::Http1, Protocol::Http2];
 
-    /// The ALPN name of the protocol.
+    /// Returns the ALPN name of the protocol.
     pub fn label(self) -> &'static str {
         match self {
             Protocol::Http1 => "http/1.1",

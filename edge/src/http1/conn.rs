@@ -371,7 +371,7 @@ struct Request<'a> {
 }
 
 impl Request<'_> {
-    /// Returns what the backend is told about this request besides its header fields.
+    /// Returns the facts about this request that the backend receives besides its fields.
     fn forward_info<'a>(
         &'a self,
         host: &'a [u8],

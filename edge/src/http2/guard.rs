@@ -3,7 +3,7 @@
 //!
 //! h2 0.4 already bounds CONTINUATION frames per header block, the decoded header list size
 //! (HPACK bombs), streams reset before they are accepted and streams it resets itself. It
-//! answers PING and SETTINGS without limit, and a stream reset by the client after it was
+//! acknowledges PING and SETTINGS without limit, and a stream reset by the client after it was
 //! accepted (Rapid Reset, CVE-2023-44487) costs the proxy a routed request each time. The
 //! meter gives each kind of cheap frame a token bucket per connection; a client that empties
 //! one is abusive, and the connection is closed with GOAWAY(ENHANCE_YOUR_CALM).
@@ -42,7 +42,7 @@ const FLAG_ACK: u8 = 0x1;
 pub enum Flood {
     /// RST_STREAM frames: Rapid Reset and reset floods.
     Reset,
-    /// PING frames that need an answer.
+    /// PING frames that need an acknowledgement.
     Ping,
     /// SETTINGS frames that need an acknowledgement.
     Settings,
@@ -92,7 +92,7 @@ struct Bucket {
     updated: Instant,
 }
 
-/// Where the meter is in the incoming byte stream.
+/// The meter's position in the incoming byte stream.
 #[derive(Debug, Clone, Copy)]
 enum Position {
     Preface { remaining: usize },
@@ -217,7 +217,7 @@ pub type Verdict = Rc<Cell<Option<Flood>>>;
 /// Closing a socket that still has unread bytes makes the kernel send a TCP reset, and a reset
 /// can destroy the GOAWAY before the client reads it. So after shutting down its write side,
 /// the guard reads and discards until the client closes, for up to [`LINGER`] (a lingering
-/// close, as nginx does). This matters most for a flooding client, whose GOAWAY says why.
+/// close, as nginx does). This matters most for a flooding client, whose GOAWAY carries the reason.
 pub struct FrameGuard<T> {
     io: T,
     meter: FrameMeter,

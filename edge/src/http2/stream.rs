@@ -197,7 +197,7 @@ pub(super) struct ForwardedRequest<'a> {
 }
 
 impl ForwardedRequest<'_> {
-    /// Returns what the backend is told about this request besides its header fields.
+    /// Returns the facts about this request that the backend receives besides its fields.
     pub fn forward_info<'a>(
         &'a self,
         host: &'a [u8],

@@ -478,7 +478,7 @@ async fn relay_response(
         max_bytes: None,
     };
     // NOTE: while the body streams, a client reset is noticed at the next DATA write, so a
-    // stalled backend holds its connection until the body idle timeout.
+    // stalled backend keeps its connection until the body idle timeout.
     let mut trailers = Vec::new();
     let mut sink = H2Sink { stream: &mut send };
     let pumped = pump_body(
@@ -501,7 +501,7 @@ async fn relay_response(
                     _ => UpstreamErrorKind::Reset,
                 });
             }
-            // The head is out: resetting the stream tells the client the body is incomplete.
+            // The head is out, so only a stream reset can signal that the body is incomplete.
             send.send_reset(h2::Reason::INTERNAL_ERROR);
             return Outcome {
                 status,
