@@ -135,7 +135,8 @@ pub struct HealthSpec {
     pub port: Option<u16>,
     /// `Host` header to send instead of the server's address.
     pub hostname: Option<String>,
-    /// Always `http`: other schemes are rejected when the labels are read.
+    /// `http`, or `h2c` to probe over HTTP/2 without TLS. Other schemes are rejected when the
+    /// labels are read.
     pub scheme: String,
     /// Status that counts as healthy; `None` accepts any 2xx.
     pub expected_status: Option<u16>,
@@ -315,7 +316,14 @@ impl<'a> FileRoutes<'a> {
                 servers,
                 pass_host_header: service.pass_host_header,
                 balance: service.balance,
-                health: HealthSpec::default(),
+                health: HealthSpec {
+                    // A routes-file service is probed over h2c when its servers are h2c.
+                    scheme: match service.servers.first() {
+                        Some(server) if server.url.starts_with("h2c://") => "h2c".to_owned(),
+                        _ => "http".to_owned(),
+                    },
+                    ..HealthSpec::default()
+                },
                 source: ServiceSource::File,
             });
         }

@@ -249,6 +249,9 @@ async fn request_status(addr: SocketAddr, spec: &HealthSpec) -> Result<u16, Stri
     let mut stream = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect failed: {e}"))?;
+    if spec.scheme == "h2c" {
+        return request_status_h2c(stream, addr, spec).await;
+    }
     let host = spec.hostname.clone().unwrap_or_else(|| addr.to_string());
     let mut request = format!(
         "{} {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: edge-agent\r\nConnection: close\r\n",
@@ -281,6 +284,40 @@ async fn request_status(addr: SocketAddr, spec: &HealthSpec) -> Result<u16, Stri
     line.get(9..12)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| "invalid status line".to_owned())
+}
+
+/// Sends the probe over HTTP/2 without TLS (prior knowledge) and returns the response status.
+async fn request_status_h2c(
+    stream: TcpStream,
+    addr: SocketAddr,
+    spec: &HealthSpec,
+) -> Result<u16, String> {
+    let (mut sender, connection) = h2::client::handshake(stream)
+        .await
+        .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let host = spec.hostname.clone().unwrap_or_else(|| addr.to_string());
+    let mut request = http::Request::builder()
+        .method(spec.method.as_str())
+        .uri(format!("http://{host}{}", spec.path))
+        .header("user-agent", "edge-agent");
+    for (name, value) in &spec.headers {
+        request = request.header(name.as_str(), value.as_str());
+    }
+    let request = request
+        .body(())
+        .map_err(|e| format!("invalid probe request: {e}"))?;
+    let result = match sender.send_request(request, true) {
+        Ok((response, _)) => response
+            .await
+            .map(|r| r.status().as_u16())
+            .map_err(|e| format!("HTTP/2 request failed: {e}")),
+        Err(e) => Err(format!("HTTP/2 request failed: {e}")),
+    };
+    driver.abort();
+    result
 }
 
 #[cfg(test)]
@@ -338,6 +375,30 @@ mod tests {
         };
         prober.sync(&[(new.clone(), spec)]);
         assert!(!prober.state(&new).unwrap().healthy);
+    }
+
+    #[tokio::test]
+    async fn h2c_probe_reads_status() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut connection = h2::server::handshake(stream).await.unwrap();
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
+                let status = if request.uri().path() == "/health" {
+                    200
+                } else {
+                    404
+                };
+                let response = http::Response::builder().status(status).body(()).unwrap();
+                respond.send_response(response, true).unwrap();
+            }
+        });
+        let spec = HealthSpec {
+            scheme: "h2c".to_owned(),
+            ..HealthSpec::default()
+        };
+        assert_eq!(probe_once(addr, &spec).await, (true, "200".to_owned()));
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use crate::settings::LogFormat;
+use crate::{metrics::Protocol, settings::LogFormat};
 
 /// Buffered bytes that trigger a flush before the periodic one.
 const FLUSH_THRESHOLD: usize = 16 * 1024;
@@ -23,6 +23,7 @@ pub struct Record<'a> {
     pub conn_id: u64,
     pub client: IpAddr,
     pub tls: bool,
+    pub protocol: Protocol,
     pub host: &'a str,
     pub method: &'a [u8],
     pub path: &'a [u8],
@@ -59,8 +60,8 @@ impl AccessLog {
             LogFormat::Json => {
                 let _ = write!(
                     self.buf,
-                    "{{\"time\":\"{time}\",\"request_id\":\"{}\",\"conn_id\":{},\"client\":\"{}\",\"tls\":{},\"host\":\"",
-                    r.request_id, r.conn_id, r.client, r.tls
+                    "{{\"time\":\"{time}\",\"request_id\":\"{}\",\"conn_id\":{},\"client\":\"{}\",\"tls\":{},\"protocol\":\"{}\",\"host\":\"",
+                    r.request_id, r.conn_id, r.client, r.tls, r.protocol.label()
                 );
                 push_json_escaped(&mut self.buf, r.host.as_bytes());
                 self.buf.push_str("\",\"method\":\"");
@@ -89,8 +90,10 @@ impl AccessLog {
                 push_text(&mut self.buf, r.path);
                 let _ = write!(
                     self.buf,
-                    "\" {} {} {duration_us}us host=",
-                    r.status, r.bytes
+                    "\" {} {} {duration_us}us {} host=",
+                    r.status,
+                    r.bytes,
+                    r.protocol.label()
                 );
                 push_text(&mut self.buf, r.host.as_bytes());
                 let _ = write!(self.buf, " route={} upstream=", r.route);
@@ -190,6 +193,7 @@ mod tests {
             conn_id: 7,
             client: "127.0.0.1".parse().unwrap(),
             tls: true,
+            protocol: Protocol::Http2,
             host: "a.test",
             method: b"GET",
             path: b"/x?\"y\"",
@@ -203,6 +207,7 @@ mod tests {
         let value: serde_json::Value = serde_json::from_str(log.buf.trim_end()).unwrap();
         assert_eq!(value["path"], "/x?\"y\"");
         assert_eq!(value["status"], 200);
+        assert_eq!(value["protocol"], "h2");
         assert_eq!(value["duration_us"], 1500);
         assert_eq!(value["upstream"], "127.0.0.1:3000");
     }

@@ -59,6 +59,25 @@ impl UpstreamErrorKind {
     }
 }
 
+/// The protocol a request arrived with, for access logs and metrics labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+}
+
+impl Protocol {
+    const ALL: [Protocol; 2] = [Protocol::Http1, Protocol::Http2];
+
+    /// Returns the ALPN name of the protocol.
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http/1.1",
+            Protocol::Http2 => "h2",
+        }
+    }
+}
+
 /// The counters of one worker.
 #[derive(Debug, Default)]
 #[repr(align(128))]
@@ -69,11 +88,23 @@ pub struct WorkerMetrics {
     pub tls_handshakes: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
     upstream_errors: [AtomicU64; 5],
+    h2_connections: AtomicU64,
+    h2_abuse_closed: AtomicU64,
 }
 
 impl WorkerMetrics {
     pub fn upstream_error(&self, kind: UpstreamErrorKind) {
         bump(&self.upstream_errors[kind as usize]);
+    }
+
+    /// Counts a connection that completed the HTTP/2 handshake.
+    pub fn h2_connection_opened(&self) {
+        bump(&self.h2_connections);
+    }
+
+    /// Counts an HTTP/2 connection closed with GOAWAY(ENHANCE_YOUR_CALM) for abuse.
+    pub fn h2_abuse_closed(&self) {
+        bump(&self.h2_abuse_closed);
     }
 
     pub fn connection_opened(&self, https: bool) {
@@ -94,15 +125,16 @@ impl WorkerMetrics {
     }
 }
 
-/// Requests of one route by status class (1xx to 5xx), per worker.
+/// Requests of one route by protocol and status class (1xx to 5xx), per worker.
 #[derive(Debug)]
 pub struct RouteStats {
     per_worker: Box<[StatusCounters]>,
 }
 
+/// Counters indexed by protocol, then status class.
 #[derive(Debug, Default)]
 #[repr(align(64))]
-struct StatusCounters([AtomicU64; 5]);
+struct StatusCounters([[AtomicU64; 5]; 2]);
 
 impl RouteStats {
     pub fn new(workers: usize) -> Self {
@@ -111,18 +143,18 @@ impl RouteStats {
         }
     }
 
-    /// Counts one response with `status` on `worker`.
-    pub fn record(&self, worker: usize, status: u16) {
+    /// Counts one response with `status` to a request over `protocol` on `worker`.
+    pub fn record(&self, worker: usize, protocol: Protocol, status: u16) {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         if let Some(counters) = self.per_worker.get(worker) {
-            bump(&counters.0[class]);
+            bump(&counters.0[protocol as usize][class]);
         }
     }
 
-    fn totals(&self) -> [u64; 5] {
+    fn totals(&self, protocol: Protocol) -> [u64; 5] {
         let mut sums = [0u64; 5];
         for counters in self.per_worker.iter() {
-            for (sum, c) in sums.iter_mut().zip(&counters.0) {
+            for (sum, c) in sums.iter_mut().zip(&counters.0[protocol as usize]) {
                 *sum += c.load(Relaxed);
             }
         }
@@ -135,17 +167,22 @@ pub fn render(shared: &Shared) -> String {
     let mut out = String::with_capacity(4096);
     let sum = |f: &dyn Fn(&WorkerMetrics) -> u64| -> u64 { shared.metrics.iter().map(f).sum() };
 
-    out.push_str("# HELP edge_requests_total Responses sent, by route and status class.\n");
+    out.push_str(
+        "# HELP edge_requests_total Responses sent, by route, status class and protocol.\n",
+    );
     out.push_str("# TYPE edge_requests_total counter\n");
     let mut write_route = |route: &str, stats: &RouteStats| {
-        for (i, n) in stats.totals().iter().enumerate() {
-            if *n > 0 {
-                let _ = writeln!(
-                    out,
-                    "edge_requests_total{{route=\"{}\",code=\"{}xx\"}} {n}",
-                    escape_label(route),
-                    i + 1
-                );
+        for protocol in Protocol::ALL {
+            for (i, n) in stats.totals(protocol).iter().enumerate() {
+                if *n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "edge_requests_total{{route=\"{}\",code=\"{}xx\",protocol=\"{}\"}} {n}",
+                        escape_label(route),
+                        i + 1,
+                        protocol.label()
+                    );
+                }
             }
         }
     };
@@ -192,6 +229,18 @@ pub fn render(shared: &Shared) -> String {
             "counter",
             "Failed or timed-out TLS handshakes.",
             sum(&|m| m.tls_handshake_failures.load(Relaxed)),
+        ),
+        (
+            "edge_h2_connections_total",
+            "counter",
+            "Client connections that completed the HTTP/2 handshake.",
+            sum(&|m| m.h2_connections.load(Relaxed)),
+        ),
+        (
+            "edge_h2_abusive_connections_total",
+            "counter",
+            "HTTP/2 connections closed with GOAWAY(ENHANCE_YOUR_CALM) for floods or abuse.",
+            sum(&|m| m.h2_abuse_closed.load(Relaxed)),
         ),
     ];
     for (name, kind, help, value) in simple {
@@ -273,11 +322,13 @@ mod tests {
     #[test]
     fn route_stats_sum_workers() {
         let stats = RouteStats::new(2);
-        stats.record(0, 200);
-        stats.record(1, 204);
-        stats.record(1, 502);
-        stats.record(7, 200);
-        assert_eq!(stats.totals(), [0, 2, 0, 0, 1]);
+        stats.record(0, Protocol::Http1, 200);
+        stats.record(1, Protocol::Http1, 204);
+        stats.record(1, Protocol::Http1, 502);
+        stats.record(1, Protocol::Http2, 200);
+        stats.record(7, Protocol::Http1, 200);
+        assert_eq!(stats.totals(Protocol::Http1), [0, 2, 0, 0, 1]);
+        assert_eq!(stats.totals(Protocol::Http2), [0, 1, 0, 0, 0]);
     }
 
     #[test]

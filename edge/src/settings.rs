@@ -170,6 +170,14 @@ pub struct RunArgs {
     /// mounted on /sys/fs/bpf when missing.
     #[arg(long, global = true, env = "EDGE_BPF_PIN_DIR", default_value = edge_ebpf::PIN_DIR)]
     pub bpf_pin_dir: PathBuf,
+    /// Maximum concurrent streams (requests) per HTTP/2 connection.
+    #[arg(
+        long,
+        global = true,
+        env = "EDGE_H2_MAX_CONCURRENT_STREAMS",
+        default_value_t = 100
+    )]
+    pub h2_max_concurrent_streams: u32,
     /// Interval between checks of the routes file for changes.
     #[arg(long, global = true, env = "EDGE_RELOAD_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub reload_interval: Duration,
@@ -195,6 +203,7 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     pub max_header_bytes: usize,
     pub max_request_body_bytes: Option<u64>,
+    pub h2_max_concurrent_streams: u32,
     /// Port in the `Location` of HTTP-to-HTTPS redirects; 443 is left out of the URL.
     pub https_port: u16,
 }
@@ -226,6 +235,7 @@ impl Settings {
             max_header_bytes: args.max_header_bytes.max(1024),
             max_request_body_bytes: (args.max_request_body_bytes > 0)
                 .then_some(args.max_request_body_bytes),
+            h2_max_concurrent_streams: args.h2_max_concurrent_streams.max(1),
             https_port,
         }
     }

@@ -68,6 +68,8 @@ pub struct CompiledServer {
     /// `host:port` as written in the URL, sent as Host when the client's is not passed on.
     pub authority: String,
     pub state: ServerState,
+    /// The URL scheme is `h2c`: requests go over HTTP/2 without TLS, as gRPC needs.
+    pub h2c: bool,
 }
 
 /// Which listener a request arrived on.
@@ -215,6 +217,7 @@ pub fn compile_with(
                     addr,
                     authority,
                     state: server.state,
+                    h2c: server.url.starts_with("h2c://"),
                 }),
                 Err(message) => errors.push(CompileError {
                     key: format!("services[{}].servers[{i}].url", service.name),
@@ -355,9 +358,12 @@ pub fn compile_with(
 /// Parses `http://HOST:PORT[/...]` and resolves HOST. Runs on the control thread only, since
 /// name resolution may block.
 fn resolve_server_url(url: &str) -> Result<(SocketAddr, String), String> {
-    let Some(rest) = url.strip_prefix("http://") else {
+    let Some(rest) = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("h2c://"))
+    else {
         return Err(format!(
-            "invalid server URL {url:?}: only http:// is supported"
+            "invalid server URL {url:?}: only http:// and h2c:// are supported"
         ));
     };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();

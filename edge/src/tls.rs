@@ -21,7 +21,7 @@ use crate::state::Compiled;
 /// ALPN protocols offered to clients, most preferred first. `acme-tls/1` is last, so it is
 /// chosen only for a client that offers no HTTP protocol; such a connection is closed after
 /// the handshake.
-pub const ALPN_PROTOCOLS: &[&[u8]] = &[b"http/1.1", ACME_TLS_ALPN_PROTOCOL];
+pub const ALPN_PROTOCOLS: &[&[u8]] = &[b"h2", b"http/1.1", ACME_TLS_ALPN_PROTOCOL];
 
 /// Reason a certificate could not be loaded.
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,8 @@
 //! ```text
 //! main thread ── spawn ──> worker N: runtime (io_uring or epoll)
 //!                            ├─ accept loop `web`       ─┐
-//!                            ├─ accept loop `websecure` ─┼─> connection tasks (http1::serve)
+//!                            ├─ accept loop `websecure` ─┼─> connection tasks (http1::serve, or
+//!                            │                           │   http2::serve when ALPN chose h2)
 //!                            └─ housekeeping (log flush, pool sweep)
 //! SIGTERM ── stop channel ──> stop accepting, let connections finish, exit by the deadline
 //! ```
@@ -35,7 +36,7 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::{
     access_log::AccessLog,
-    http1,
+    http1, http2,
     metrics::WorkerMetrics,
     settings::IoDriver,
     state::{Compiled, EntryPoint, Shared},
@@ -58,6 +59,8 @@ pub struct WorkerCtx {
     pub shared: Arc<Shared>,
     snapshot: RefCell<Cache<Arc<ArcSwap<Compiled>>, Arc<Compiled>>>,
     pub upstreams: Rc<Upstreams>,
+    /// HTTP/2 connections to h2c backends.
+    pub h2c: http2::client::H2cPool,
     pub shutdown: Shutdown,
     pub access_log: RefCell<AccessLog>,
     tls: TlsAcceptor,
@@ -319,6 +322,7 @@ async fn worker_main(
             settings.upstream_max_idle,
             settings.upstream_idle_timeout,
         )),
+        h2c: http2::client::H2cPool::default(),
         shutdown: Shutdown::default(),
         access_log: RefCell::new(AccessLog::new(settings.access_log, settings.log_format)),
         tls: TlsAcceptor::from(Arc::new(tls_config)),
@@ -351,6 +355,7 @@ async fn worker_main(
         );
     }
     ctx.upstreams.clear();
+    ctx.h2c.clear();
     ctx.access_log.borrow_mut().flush();
     info!(worker = id, "worker stopped");
     Ok(())
@@ -446,11 +451,14 @@ async fn handle_connection(ctx: Rc<WorkerCtx>, stream: TcpStream, info: ConnInfo
         core = ctx.id,
         listener = info.entrypoint.name(),
         peer.addr = %info.peer,
-        proto = "http/1.1",
+        proto = tracing::field::Empty,
     );
     async move {
         match info.entrypoint {
-            EntryPoint::Web => http1::serve(ctx, stream, info).await,
+            EntryPoint::Web => {
+                tracing::Span::current().record("proto", "http/1.1");
+                http1::serve(ctx, stream, info).await
+            }
             EntryPoint::WebSecure => {
                 let handshake = monoio::time::timeout(
                     ctx.shared.settings.tls_handshake_timeout,
@@ -465,7 +473,13 @@ async fn handle_connection(ctx: Rc<WorkerCtx>, stream: TcpStream, info: ConnInfo
                             debug!("ACME TLS-ALPN-01 handshake done, closing");
                             return;
                         }
-                        http1::serve(ctx, tls_stream, info).await;
+                        if tls_stream.alpn_protocol().as_deref() == Some(b"h2") {
+                            tracing::Span::current().record("proto", "h2");
+                            http2::serve(ctx, tls_stream, info).await;
+                        } else {
+                            tracing::Span::current().record("proto", "http/1.1");
+                            http1::serve(ctx, tls_stream, info).await;
+                        }
                     }
                     Ok(Err(e)) => {
                         crate::metrics::bump(&ctx.metrics().tls_handshake_failures);

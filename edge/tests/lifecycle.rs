@@ -141,8 +141,8 @@ fn admin_health_and_metrics() {
 
     let health = request(edge.admin, "GET /health HTTP/1.1\r\nHost: admin\r\n\r\n");
     assert_eq!(health.status, 200);
-    edge.expect_metric("edge_requests_total{route=\"app\",code=\"2xx\"} 2");
-    edge.expect_metric("edge_requests_total{route=\"\",code=\"3xx\"} 1");
+    edge.expect_metric("edge_requests_total{route=\"app\",code=\"2xx\",protocol=\"http/1.1\"} 2");
+    edge.expect_metric("edge_requests_total{route=\"\",code=\"3xx\",protocol=\"http/1.1\"} 1");
     edge.expect_metric("edge_connections_active{listener=\"web\"}");
     edge.expect_metric("edge_tls_handshakes_total 0");
     edge.expect_metric("edge_upstream_errors_total{kind=\"connect\"} 0");

@@ -19,6 +19,7 @@ use anyhow::{bail, Context as _};
 const TEST_PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("openssl", "openssl"),
+    ("h2load", "nghttp2-client"),
     ("dockerd", "docker.io"),
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),

@@ -87,8 +87,12 @@ pub(super) struct DomainLabels {
 #[derive(Debug)]
 pub(super) struct ServiceLabels {
     pub port: Option<u16>,
-    /// `server.url`, normalized to `http://IP:PORT`, with its address.
+    /// `server.scheme`, lowercase: `http` or `h2c`.
+    pub scheme: Option<String>,
+    /// `server.url`, normalized to `SCHEME://IP:PORT`, with its address.
     pub url: Option<(String, SocketAddr)>,
+    /// `healthcheck.scheme`, lowercase. Probes use the server's scheme when it is not set.
+    pub health_scheme: Option<String>,
     pub pass_host_header: bool,
     pub balance: Balance,
     pub health: HealthSpec,
@@ -98,6 +102,8 @@ impl Default for ServiceLabels {
     fn default() -> Self {
         ServiceLabels {
             port: None,
+            scheme: None,
+            health_scheme: None,
             url: None,
             pass_host_header: true,
             balance: Balance::RoundRobin,
@@ -520,7 +526,9 @@ impl Decoder<'_> {
             "server.port" => parse_port(value).map(|port| {
                 self.service(target).port = Some(port);
             }),
-            "server.scheme" => check_backend_scheme(value),
+            "server.scheme" => check_backend_scheme(value).map(|scheme| {
+                self.service(target).scheme = Some(scheme);
+            }),
             "server.url" => parse_server_url(value).map(|url| {
                 self.service(target).url = Some(url);
             }),
@@ -664,7 +672,7 @@ impl Decoder<'_> {
                 }
                 self.service(target).health.hostname = Some(hostname.to_owned());
             }
-            ".scheme" => check_backend_scheme(value)?,
+            ".scheme" => self.service(target).health_scheme = Some(check_backend_scheme(value)?),
             ".mode" if value.eq_ignore_ascii_case("http") => {}
             ".mode" if value.eq_ignore_ascii_case("grpc") => {
                 return Err("gRPC health checks are not supported yet; use mode http".to_owned());
@@ -888,16 +896,17 @@ fn is_default_tls_store(segments: &[&str]) -> bool {
         if stores.eq_ignore_ascii_case("stores") && default.eq_ignore_ascii_case("default"))
 }
 
-/// Checks a backend scheme: only plain HTTP is proxied.
-fn check_backend_scheme(value: &str) -> Result<(), String> {
-    if value.eq_ignore_ascii_case("http") {
-        Ok(())
-    } else if value.eq_ignore_ascii_case("https") || value.eq_ignore_ascii_case("h2c") {
+/// Checks a backend scheme and returns it in lowercase: `http`, or `h2c` (HTTP/2 without
+/// TLS, for gRPC). TLS towards backends is not built.
+fn check_backend_scheme(value: &str) -> Result<String, String> {
+    if value.eq_ignore_ascii_case("http") || value.eq_ignore_ascii_case("h2c") {
+        Ok(value.to_ascii_lowercase())
+    } else if value.eq_ignore_ascii_case("https") {
         Err(format!(
-            "scheme {value} is not supported yet; the edge reaches backends over plain HTTP only"
+            "scheme {value} is not supported yet; the edge reaches backends over http or h2c only"
         ))
     } else {
-        Err("unknown scheme; use http".to_owned())
+        Err("unknown scheme; use http or h2c".to_owned())
     }
 }
 
@@ -912,7 +921,7 @@ pub(super) fn parse_server_url(text: &str) -> Result<(String, SocketAddr), Strin
     let Some((scheme, rest)) = text.trim().split_once("://") else {
         return Err("missing scheme; write http://IP:PORT".to_owned());
     };
-    check_backend_scheme(scheme)?;
+    let scheme = check_backend_scheme(scheme)?;
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     if rest.contains(['/', '?', '#', '@']) {
         return Err("paths, queries and user parts are not supported; write http://IP:PORT".into());
@@ -940,5 +949,5 @@ pub(super) fn parse_server_url(text: &str) -> Result<(String, SocketAddr), Strin
     };
     let port = parse_port(port)?;
     let addr = SocketAddr::new(ip, port);
-    Ok((format!("http://{addr}"), addr))
+    Ok((format!("{scheme}://{addr}"), addr))
 }

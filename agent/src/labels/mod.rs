@@ -413,7 +413,8 @@ fn configure_services(
                     }
                 };
                 let addr = std::net::SocketAddr::new(choice.ip, port);
-                (format!("http://{addr}"), addr)
+                let scheme = entity.labels.scheme.as_deref().unwrap_or("http");
+                (format!("{scheme}://{addr}"), addr)
             }
         };
 
@@ -421,7 +422,10 @@ fn configure_services(
         declared.config = Some(ServiceConfig {
             pass_host_header: labels.pass_host_header,
             balance: labels.balance,
-            health: labels.health.clone(),
+            health: HealthSpec {
+                scheme: health_scheme(labels.health_scheme.as_deref(), &url),
+                ..labels.health.clone()
+            },
             server: DesiredServer {
                 container_id: container.id.clone(),
                 container_name: container.name.clone(),
@@ -434,6 +438,15 @@ fn configure_services(
         services.insert(id.clone(), declared);
     }
     Some(services)
+}
+
+/// Returns the scheme of health probes: the `healthcheck.scheme` label, else the server URL's
+/// scheme. In Traefik, too, `healthcheck.scheme` replaces the server URL's scheme.
+fn health_scheme(label: Option<&str>, server_url: &str) -> String {
+    let server = server_url
+        .split_once("://")
+        .map_or("http", |(scheme, _)| scheme);
+    label.unwrap_or(server).to_owned()
 }
 
 /// Adds to an address error that the whole container is skipped.

@@ -533,6 +533,44 @@ fn https_backend_disables_service() {
 }
 
 #[test]
+fn h2c_scheme_sets_url_and_probe() {
+    let parsed = parse(web().label(
+        "traefik.http.services.web.loadbalancer.server.scheme",
+        "H2C",
+    ));
+    let config = service(&parsed, "web").expect("service created");
+    assert_eq!(config.server.url, "h2c://172.18.0.2:80");
+    assert_eq!(config.health.scheme, "h2c");
+}
+
+#[test]
+fn health_scheme_label_overrides_server_scheme() {
+    let parsed = parse(
+        web()
+            .label(
+                "traefik.http.services.web.loadbalancer.server.scheme",
+                "h2c",
+            )
+            .label(
+                "traefik.http.services.web.loadbalancer.healthcheck.scheme",
+                "http",
+            ),
+    );
+    let config = service(&parsed, "web").expect("service created");
+    assert_eq!(config.health.scheme, "http");
+}
+
+#[test]
+fn h2c_server_url_accepted() {
+    let parsed = parse(web().without_networks().ports(&[]).label(
+        "traefik.http.services.web.loadbalancer.server.url",
+        "h2c://10.0.0.9:50051",
+    ));
+    let server = service(&parsed, "web").map(|s| s.server.url.as_str());
+    assert_eq!(server, Some("h2c://10.0.0.9:50051"));
+}
+
+#[test]
 fn server_url_overrides_address() {
     let parsed = parse(web().without_networks().ports(&[]).label(
         "traefik.http.services.web.loadbalancer.server.url",

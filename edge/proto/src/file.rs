@@ -1673,16 +1673,16 @@ fn check_router(
     }
 }
 
-/// Checks that a server URL is `http://HOST:PORT`, where HOST is an IP address (IPv6 in
-/// brackets) or a DNS name.
+/// Checks that a server URL is `http://HOST:PORT` or `h2c://HOST:PORT` (HTTP/2 without TLS,
+/// for gRPC), where HOST is an IP address (IPv6 in brackets) or a DNS name.
 fn check_server_url(url: &str) -> Result<(), String> {
     let Some((scheme, rest)) = url.split_once("://") else {
         return Err("missing scheme; write http://HOST:PORT".to_owned());
     };
-    if scheme.eq_ignore_ascii_case("https") || scheme.eq_ignore_ascii_case("h2c") {
+    if scheme.eq_ignore_ascii_case("https") {
         return Err(format!("scheme {scheme} is not supported yet"));
     }
-    if !scheme.eq_ignore_ascii_case("http") {
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("h2c") {
         return Err(format!("unknown scheme {scheme}; write http://HOST:PORT"));
     }
     if rest.contains(['/', '?', '#']) {
@@ -2349,6 +2349,13 @@ alpnProtocols = ["h2", "http/1.1"]
                 "http.services.app.loadBalancer.servers[3].url: invalid server URL \"http://a:80/api\": paths, queries and fragments are not supported; write http://HOST:PORT",
             ]
         );
+    }
+
+    #[test]
+    fn h2c_server_url_accepted() {
+        let text = "http:\n  services:\n    app:\n      loadBalancer:\n        servers:\n          - url: h2c://10.0.0.5:50051\n";
+        let snapshot = yaml(text).unwrap();
+        assert_eq!(snapshot.services[0].servers[0].url, "h2c://10.0.0.5:50051");
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub enum OutFraming {
     Chunked,
     /// Raw bytes, delimited by closing the connection.
     Raw,
+    /// Raw bytes for a destination that frames the body itself (an HTTP/2 stream). When the
+    /// source is chunked, its trailer fields are left in `scratch`, each as `name: value\r\n`.
+    Frames,
 }
 
 /// Reason a body transfer stopped early.
@@ -185,7 +188,13 @@ where
             if chunked_out {
                 encode_last_chunk(decoder.trailers(), scratch);
             }
-            write_scratch(dst, scratch, limits.idle).await?;
+            if !scratch.is_empty() {
+                write_scratch(dst, scratch, limits.idle).await?;
+            }
+            if out == OutFraming::Frames {
+                scratch.clear();
+                scratch.extend_from_slice(decoder.trailers());
+            }
             return Ok(total);
         }
         if !scratch.is_empty() {

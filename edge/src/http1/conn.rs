@@ -25,7 +25,7 @@ use monoio::{
     io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split, Splitable},
     net::TcpStream,
 };
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, Instrument};
 
 use super::{
     body::{pump_body, OutFraming, PumpError, PumpLimits},
@@ -36,13 +36,19 @@ use super::{
 };
 use crate::{
     access_log::Record,
+    forward::{
+        https_location, local_response_text, normalize_host, open_connection, push_decimal,
+        push_field, routing_path, write_framing, write_request_head, ForwardInfo,
+    },
     io::{with_timeout, ReadBuf},
-    metrics::UpstreamErrorKind,
+    metrics::{Protocol, UpstreamErrorKind},
     settings::canonical_ip,
     state::{Compiled, CompiledRouter, EntryPoint},
     upstream::Pick,
     worker::{ConnInfo, RequestId, WorkerCtx},
 };
+
+mod to_h2c;
 
 /// Initial read buffer per connection and the free space requested for each head read.
 const HEAD_READ_BYTES: usize = 8 * 1024;
@@ -132,7 +138,9 @@ where
             Err(HeadOutcome::Closed) => return,
             Err(HeadOutcome::Rejected(status)) => {
                 let bytes = respond_local(&mut client, status, None, true, &mut bufs.out).await;
-                ctx.shared.unrouted_stats.record(ctx.id, status);
+                ctx.shared
+                    .unrouted_stats
+                    .record(ctx.id, Protocol::Http1, status);
                 log_rejected(&ctx, &info, status, bytes);
                 return;
             }
@@ -329,7 +337,9 @@ where
             let exchange = proxy(ctx, client, bufs, info, &compiled, router, &request)
                 .instrument(span)
                 .await;
-            router.stats.record(ctx.id, exchange.status);
+            router
+                .stats
+                .record(ctx.id, Protocol::Http1, exchange.status);
             exchange
         } else {
             let bytes = respond_local(client, 404, None, close_after_local, &mut bufs.out).await;
@@ -337,7 +347,9 @@ where
         }
     };
     if route_name.is_empty() {
-        ctx.shared.unrouted_stats.record(ctx.id, exchange.status);
+        ctx.shared
+            .unrouted_stats
+            .record(ctx.id, Protocol::Http1, exchange.status);
     }
 
     ctx.access_log.borrow_mut().record(&Record {
@@ -345,6 +357,7 @@ where
         conn_id: info.conn_id,
         client: client_ip,
         tls: info.is_tls(),
+        protocol: Protocol::Http1,
         host: &bufs.host,
         method: method.as_bytes(),
         path: target,
@@ -373,6 +386,28 @@ struct Request<'a> {
     method: &'a [u8],
     request_id: RequestId,
     client_ip: IpAddr,
+}
+
+impl Request<'_> {
+    /// Returns the facts about this request that the backend receives besides its fields.
+    fn forward_info<'a>(
+        &'a self,
+        host: &'a [u8],
+        info: &ConnInfo,
+        trusted_peer: bool,
+    ) -> ForwardInfo<'a> {
+        ForwardInfo {
+            method: self.method,
+            target: &self.head_bytes[self.head.path_and_query.clone()],
+            host,
+            raw_host: self.raw_host,
+            client_ip: self.client_ip,
+            request_id: self.request_id,
+            tls: info.is_tls(),
+            local_port: info.local_port,
+            trusted_peer,
+        }
+    }
 }
 
 /// Failure of one attempt to exchange with a backend.
@@ -410,6 +445,11 @@ where
             let bytes = respond_local(client, 413, None, true, &mut bufs.out).await;
             return Exchange::local(413, bytes, true);
         }
+    }
+    // NOTE: the scheme of a service's first server decides the protocol for all of them.
+    if service.servers.first().is_some_and(|s| s.h2c) {
+        let forwarded = to_h2c::proxy_h2c(ctx, client, bufs, info, compiled, router, req);
+        return forwarded.await;
     }
 
     // A body that arrived with the head is sent with it and can be sent again on retry.
@@ -451,21 +491,13 @@ where
             bufs.out.extend_from_slice(&bufs.inbuf.data()[..n]);
         }
 
-        let (mut upstream, reused) = match ctx.upstreams.take_idle(addr) {
-            Some(stream) => (stream, true),
-            None => match connect(addr, settings.upstream_connect_timeout).await {
-                Ok(stream) => (stream, false),
-                Err((kind, message)) => {
-                    ctx.metrics().upstream_error(kind);
-                    ctx.upstreams.mark_failed(addr);
-                    if ctx.should_log_upstream_error() {
-                        warn!(upstream = %addr, service = %router.name, error = %message, "connecting to the backend failed");
-                    }
-                    last_error = kind;
-                    last_addr = Some(addr);
-                    continue;
-                }
-            },
+        let (mut upstream, reused) = match open_connection(ctx, addr, &router.name).await {
+            Ok(pair) => pair,
+            Err(kind) => {
+                last_error = kind;
+                last_addr = Some(addr);
+                continue;
+            }
         };
         let _in_flight = ctx.upstreams.start_request(addr);
         match exchange_with(
@@ -548,23 +580,6 @@ where
     Exchange {
         upstream: last_addr,
         ..Exchange::local(status, bytes, close)
-    }
-}
-
-async fn connect(
-    addr: SocketAddr,
-    limit: Duration,
-) -> Result<TcpStream, (UpstreamErrorKind, String)> {
-    match monoio::time::timeout(limit, TcpStream::connect_addr(addr)).await {
-        Ok(Ok(stream)) => {
-            let _ = stream.set_nodelay(true);
-            Ok(stream)
-        }
-        Ok(Err(e)) => Err((UpstreamErrorKind::Connect, e.to_string())),
-        Err(_) => Err((
-            UpstreamErrorKind::ConnectTimeout,
-            format!("no answer within {limit:?}"),
-        )),
     }
 }
 
@@ -917,92 +932,20 @@ fn build_upstream_head(
 ) {
     let head = req.head;
     let bytes = req.head_bytes;
-    out.clear();
-    out.extend_from_slice(req.method);
-    out.push(b' ');
-    let target = &bytes[head.path_and_query.clone()];
-    out.extend_from_slice(if target.is_empty() { b"/" } else { target });
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    out.extend_from_slice(b"Host: ");
-    out.extend_from_slice(host);
-    out.extend_from_slice(b"\r\n");
-
-    let mut prior_xff: Option<&[u8]> = None;
-    let mut has_request_id = false;
-    let mut trusted_proto = None;
-    let mut trusted_fwd_host = None;
-    let mut trusted_real_ip = None;
-    for field in &head.headers {
-        let name = &bytes[field.name.clone()];
-        let value = &bytes[field.value.clone()];
-        if is_hop_by_hop(name)
-            || name.eq_ignore_ascii_case(b"host")
-            || name.eq_ignore_ascii_case(b"content-length")
-            || name.eq_ignore_ascii_case(b"expect")
-            || listed_in_connection(bytes, &head.connection_names, name)
-        {
-            continue;
-        }
-        if is_forwarding_header(name) {
-            // From an untrusted peer these are dropped and set afresh below.
-            if trusted_peer {
-                if name.eq_ignore_ascii_case(b"x-forwarded-for") {
-                    prior_xff = Some(value);
-                    continue;
-                } else if name.eq_ignore_ascii_case(b"x-forwarded-proto") {
-                    trusted_proto = Some(value);
-                    continue;
-                } else if name.eq_ignore_ascii_case(b"x-forwarded-host") {
-                    trusted_fwd_host = Some(value);
-                    continue;
-                } else if name.eq_ignore_ascii_case(b"x-real-ip") {
-                    trusted_real_ip = Some(value);
-                    continue;
-                }
-                push_field(out, name, value);
-            }
-            continue;
-        }
-        if name.eq_ignore_ascii_case(b"x-request-id") {
-            has_request_id = true;
-        }
-        push_field(out, name, value);
-    }
-
-    let mut ip_text = [0u8; 64];
-    let ip = format_ip(req.client_ip, &mut ip_text);
-    out.extend_from_slice(b"X-Forwarded-For: ");
-    if let Some(prior) = prior_xff {
-        out.extend_from_slice(prior);
-        out.extend_from_slice(b", ");
-    }
-    out.extend_from_slice(ip);
-    out.extend_from_slice(b"\r\n");
-    push_field(
-        out,
-        b"X-Forwarded-Proto",
-        trusted_proto.unwrap_or(if info.is_tls() { b"https" } else { b"http" }),
-    );
-    if let Some(fwd_host) = trusted_fwd_host.or((!req.raw_host.is_empty()).then_some(req.raw_host))
-    {
-        push_field(out, b"X-Forwarded-Host", fwd_host);
-    }
-    out.extend_from_slice(b"X-Forwarded-Port: ");
-    push_decimal(out, u64::from(info.local_port));
-    out.extend_from_slice(b"\r\n");
-    push_field(out, b"X-Real-Ip", trusted_real_ip.unwrap_or(ip));
-    if !has_request_id {
-        push_field(out, b"X-Request-Id", req.request_id.as_str().as_bytes());
-    }
-    match head.framing() {
-        BodyFraming::Length(n) => {
-            out.extend_from_slice(b"Content-Length: ");
-            push_decimal(out, n);
-            out.extend_from_slice(b"\r\n");
-        }
-        BodyFraming::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
-        BodyFraming::Empty | BodyFraming::UntilClose => {}
-    }
+    let fwd = req.forward_info(host, info, trusted_peer);
+    let fields = head
+        .headers
+        .iter()
+        .map(|field| (&bytes[field.name.clone()], &bytes[field.value.clone()]))
+        .filter(|(name, _)| {
+            !(is_hop_by_hop(name)
+                || name.eq_ignore_ascii_case(b"host")
+                || name.eq_ignore_ascii_case(b"content-length")
+                || name.eq_ignore_ascii_case(b"expect")
+                || listed_in_connection(bytes, &head.connection_names, name))
+        });
+    write_request_head(out, &fwd, fields);
+    write_framing(out, head.framing());
     if head.upgrade {
         out.extend_from_slice(b"Connection: Upgrade\r\n");
         for field in &head.headers {
@@ -1014,139 +957,10 @@ fn build_upstream_head(
     out.extend_from_slice(b"\r\n");
 }
 
-fn is_forwarding_header(name: &[u8]) -> bool {
-    name.len() > 12 && name[..12].eq_ignore_ascii_case(b"x-forwarded-")
-        || name.eq_ignore_ascii_case(b"forwarded")
-        || name.eq_ignore_ascii_case(b"x-real-ip")
-}
-
 fn listed_in_connection(bytes: &[u8], names: &[std::ops::Range<usize>], name: &[u8]) -> bool {
     names
         .iter()
         .any(|r| bytes[r.clone()].eq_ignore_ascii_case(name))
-}
-
-fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
-}
-
-fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
-    use std::io::Write as _;
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    let _ = write!(cursor, "{ip}");
-    let len = cursor.position() as usize;
-    &buf[..len]
-}
-
-/// Normalises a Host value for routing into `out`: port and IPv6 brackets removed, one
-/// trailing dot removed, ASCII lowercase. Returns false when the value is not a valid host.
-fn normalize_host(raw: &[u8], out: &mut String) -> bool {
-    out.clear();
-    let host = if let Some(rest) = raw.strip_prefix(b"[") {
-        let Some(end) = rest.iter().position(|&b| b == b']') else {
-            return false;
-        };
-        let after = &rest[end + 1..];
-        if !(after.is_empty() || after[0] == b':' && after[1..].iter().all(u8::is_ascii_digit)) {
-            return false;
-        }
-        &rest[..end]
-    } else {
-        match raw.iter().rposition(|&b| b == b':') {
-            Some(colon) if raw[colon + 1..].iter().all(u8::is_ascii_digit) => &raw[..colon],
-            Some(_) => return false,
-            None => raw,
-        }
-    };
-    let host = host.strip_suffix(b".").unwrap_or(host);
-    for &b in host {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'%' | b'*') {
-            out.push(b.to_ascii_lowercase() as char);
-        } else {
-            return false;
-        }
-    }
-    true
-}
-
-/// Builds the routing path into `out`: percent-escapes of unreserved characters decoded,
-/// reserved ones kept, as Traefik matches paths. Returns false for a path that is not UTF-8
-/// after decoding.
-fn routing_path(raw: &[u8], out: &mut String) -> bool {
-    out.clear();
-    if !raw.contains(&b'%') {
-        return match std::str::from_utf8(raw) {
-            Ok(s) => {
-                out.push_str(s);
-                true
-            }
-            Err(_) => false,
-        };
-    }
-    let mut bytes = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        if raw[i] == b'%' && i + 2 < raw.len() {
-            let hex = |b: u8| (b as char).to_digit(16);
-            if let (Some(h), Some(l)) = (hex(raw[i + 1]), hex(raw[i + 2])) {
-                let decoded = (h * 16 + l) as u8;
-                const RESERVED: &[u8] = b"/?#[]@!$&'()*+,;=:%";
-                if !RESERVED.contains(&decoded) {
-                    bytes.push(decoded);
-                    i += 3;
-                    continue;
-                }
-            }
-        }
-        bytes.push(raw[i]);
-        i += 1;
-    }
-    match String::from_utf8(bytes) {
-        Ok(s) => {
-            *out = s;
-            true
-        }
-        Err(_) => false,
-    }
-}
-
-/// Builds the `Location` of a redirect to HTTPS, keeping path and query.
-fn https_location(host: &str, raw_host: &[u8], target: &[u8], https_port: u16) -> String {
-    let mut location = String::with_capacity(16 + host.len() + target.len());
-    location.push_str("https://");
-    if raw_host.starts_with(b"[") {
-        location.push('[');
-        location.push_str(host);
-        location.push(']');
-    } else {
-        location.push_str(host);
-    }
-    if https_port != 443 {
-        location.push(':');
-        location.push_str(&https_port.to_string());
-    }
-    match std::str::from_utf8(target) {
-        Ok(t) if t.starts_with('/') => location.push_str(t),
-        _ => location.push('/'),
-    }
-    location
 }
 
 /// Returns the key authorization when `raw_path` is `/.well-known/acme-challenge/TOKEN` for a
@@ -1230,46 +1044,6 @@ async fn respond_local<S: AsyncWriteRent>(
     }
 }
 
-fn local_response_text(status: u16) -> (&'static str, &'static str) {
-    match status {
-        308 => ("Permanent Redirect", "redirecting to HTTPS\n"),
-        400 => (
-            "Bad Request",
-            "bad request: the request is malformed or its framing is ambiguous\n",
-        ),
-        404 => (
-            "Not Found",
-            "not found: no route matches this host and path\n",
-        ),
-        405 => ("Method Not Allowed", "method not allowed\n"),
-        408 => (
-            "Request Timeout",
-            "request timeout: the request was not received in time\n",
-        ),
-        413 => (
-            "Content Too Large",
-            "content too large: the request body exceeds the limit of this route\n",
-        ),
-        431 => (
-            "Request Header Fields Too Large",
-            "request header fields too large\n",
-        ),
-        502 => (
-            "Bad Gateway",
-            "bad gateway: the backend could not be reached or sent an invalid response\n",
-        ),
-        503 => (
-            "Service Unavailable",
-            "service unavailable: no healthy backend for this route\n",
-        ),
-        504 => (
-            "Gateway Timeout",
-            "gateway timeout: the backend did not answer in time\n",
-        ),
-        _ => ("Error", "error\n"),
-    }
-}
-
 fn log_rejected(ctx: &WorkerCtx, info: &ConnInfo, status: u16, bytes: u64) {
     let request_id = ctx.next_request_id();
     ctx.access_log.borrow_mut().record(&Record {
@@ -1277,6 +1051,7 @@ fn log_rejected(ctx: &WorkerCtx, info: &ConnInfo, status: u16, bytes: u64) {
         conn_id: info.conn_id,
         client: canonical_ip(info.peer.ip()),
         tls: info.is_tls(),
+        protocol: Protocol::Http1,
         host: "",
         method: b"",
         path: b"",
@@ -1358,52 +1133,4 @@ async fn copy_half<R, W>(
         }
     }
     let _ = dst.shutdown().await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_normalization() {
-        let mut out = String::new();
-        assert!(normalize_host(b"SHOP.Example.COM:8443", &mut out));
-        assert_eq!(out, "shop.example.com");
-        assert!(normalize_host(b"[2001:DB8::1]:443", &mut out));
-        assert_eq!(out, "2001:db8::1");
-        assert!(normalize_host(b"app.example.com.", &mut out));
-        assert_eq!(out, "app.example.com");
-        assert!(!normalize_host(b"a b", &mut out));
-        assert!(!normalize_host(b"a:x", &mut out));
-    }
-
-    #[test]
-    fn routing_path_decodes_unreserved() {
-        let mut out = String::new();
-        assert!(routing_path(b"/foo%20bar%2Fbaz", &mut out));
-        assert_eq!(out, "/foo bar%2Fbaz");
-        assert!(routing_path(b"/%7euser", &mut out));
-        assert_eq!(out, "/~user");
-        assert!(!routing_path(b"/%ff", &mut out));
-    }
-
-    #[test]
-    fn redirect_location_keeps_target() {
-        assert_eq!(
-            https_location("a.test", b"a.test:8080", b"/x?y=1", 8443),
-            "https://a.test:8443/x?y=1"
-        );
-        assert_eq!(
-            https_location("a.test", b"a.test", b"/", 443),
-            "https://a.test/"
-        );
-    }
-
-    #[test]
-    fn decimal_formatting() {
-        let mut out = Vec::new();
-        push_decimal(&mut out, 0);
-        push_decimal(&mut out, 18446744073709551615);
-        assert_eq!(out, b"018446744073709551615");
-    }
 }

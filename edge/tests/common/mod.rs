@@ -431,7 +431,7 @@ impl BackendOptions {
 /// A scriptable HTTP/1.1 backend. Paths select the behaviour:
 /// `/slow/MS` answers after MS milliseconds; `/never` never answers; `/chunked` answers with a
 /// chunked body and a trailer; `/close` answers without Content-Length and closes;
-/// `/ws` accepts an Upgrade with 101 and then echoes bytes; `/no-upgrade` answers 200 to an
+/// `/bytes/N` answers with N bytes written in pieces; `/ws` accepts an Upgrade with 101 and then echoes bytes; `/no-upgrade` answers 200 to an
 /// Upgrade request; `/health` answers 200; anything else answers `NAME PATH`, with the body
 /// length for requests that have one.
 pub struct Backend {
@@ -617,6 +617,24 @@ fn serve_backend(stream: TcpStream, options: &BackendOptions, requests: &Mutex<V
                         }
                     }
                 }
+            }
+            _ if path.starts_with("/bytes/") => {
+                // A large body written in pieces, so the proxy must stream it.
+                let total: usize = path["/bytes/".len()..].parse().unwrap();
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n");
+                if writer.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                let piece = vec![b'b'; 64 * 1024];
+                let mut left = total;
+                while left > 0 {
+                    let n = left.min(piece.len());
+                    if writer.write_all(&piece[..n]).is_err() {
+                        return;
+                    }
+                    left -= n;
+                }
+                continue;
             }
             "/no-upgrade" => simple("no upgrade here"),
             "/health" => simple("ok"),

@@ -1,0 +1,258 @@
+//! One HTTP/2 request stream: route it and hand it to the forwarding for the backend's
+//! protocol (`to_http1` or `h2c`), or respond locally.
+//!
+//! ```text
+//! request head ─> route ─> no route / bad request / CONNECT ─> local response
+//!   ├─ service with h2c servers ─> h2c::proxy_h2c
+//!   └─ otherwise ─> to_http1::proxy_http1
+//! ```
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    rc::Rc,
+    time::Instant,
+};
+
+use bytes::Bytes;
+use edge_proto::rule::RequestView;
+use h2::{server::SendResponse, RecvStream, SendStream};
+use http::{header, HeaderMap, HeaderValue, Request, Response};
+use tracing::{debug, Instrument};
+
+use super::{conn::H2Conn, h2c::proxy_h2c, to_http1::proxy_http1};
+use crate::{
+    access_log::Record,
+    forward::{local_response_text, normalize_host, routing_path, ForwardInfo},
+    metrics::Protocol,
+    settings::canonical_ip,
+    worker::{RequestId, WorkerCtx},
+};
+
+/// Ends the stream's count on its connection when the task ends, however it ends.
+struct StreamDone(Rc<H2Conn>);
+
+impl Drop for StreamDone {
+    fn drop(&mut self) {
+        let conn = &self.0;
+        conn.open_streams
+            .set(conn.open_streams.get().saturating_sub(1));
+        conn.last_active.set(Instant::now());
+    }
+}
+
+/// The request as the rule matchers see it.
+struct View<'a> {
+    host: &'a str,
+    path: &'a str,
+    query: &'a str,
+    method: &'a str,
+    headers: &'a HeaderMap,
+    client_ip: IpAddr,
+}
+
+impl RequestView for View<'_> {
+    fn host(&self) -> &str {
+        self.host
+    }
+    fn path(&self) -> &str {
+        self.path
+    }
+    fn method(&self) -> &str {
+        self.method
+    }
+    fn query(&self) -> &str {
+        self.query
+    }
+    fn client_ip(&self) -> IpAddr {
+        self.client_ip
+    }
+    fn header_values<'a>(&'a self, name: &str, f: &mut dyn FnMut(&[u8]) -> bool) -> bool {
+        self.headers
+            .get_all(name)
+            .iter()
+            .any(|value| f(value.as_bytes()))
+    }
+}
+
+/// The outcome of one stream, for the access log and metrics.
+pub(super) struct Outcome {
+    pub status: u16,
+    pub bytes: u64,
+    pub upstream: Option<SocketAddr>,
+}
+
+/// Serves one request stream to completion.
+pub async fn serve_stream(
+    ctx: Rc<WorkerCtx>,
+    conn: Rc<H2Conn>,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let _done = StreamDone(conn.clone());
+    let info = conn.info;
+    let started = Instant::now();
+    let request_id = ctx.next_request_id();
+    let (parts, body) = request.into_parts();
+
+    let raw_host: &[u8] = match parts.uri.authority() {
+        Some(authority) => authority.as_str().as_bytes(),
+        None => parts
+            .headers
+            .get(header::HOST)
+            .map_or(b"", HeaderValue::as_bytes),
+    };
+    let mut host = String::new();
+    let mut path = String::new();
+    let host_ok = normalize_host(raw_host, &mut host);
+    let path_ok = routing_path(parts.uri.path().as_bytes(), &mut path);
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .as_bytes();
+    let method = parts.method.as_str();
+    let client_ip = canonical_ip(info.peer.ip());
+    let compiled = ctx.snapshot();
+
+    let mut route_name: &str = "";
+    let outcome = if !host_ok || !path_ok {
+        send_local(&mut respond, 400)
+    } else if parts.method == http::Method::CONNECT {
+        // NOTE: extended CONNECT (RFC 8441, WebSocket over HTTP/2) is not offered, so h2
+        // only lets a plain CONNECT through, which a reverse proxy does not serve.
+        send_local(&mut respond, 405)
+    } else {
+        let view = View {
+            host: &host,
+            path: &path,
+            query: parts.uri.query().unwrap_or(""),
+            method,
+            headers: &parts.headers,
+            client_ip,
+        };
+        match compiled.route(info.entrypoint, &view) {
+            Some(router) => {
+                route_name = &router.name;
+                let request = ForwardedRequest {
+                    parts: &parts,
+                    raw_host,
+                    target,
+                    request_id,
+                    client_ip,
+                };
+                let span = tracing::debug_span!(
+                    "request",
+                    req_id = request_id.as_str(),
+                    method,
+                    host = %host,
+                    route = %router.name,
+                );
+                // NOTE: the scheme of a service's first server decides the protocol for all
+                // of its servers.
+                let service = &compiled.services[router.service];
+                let outcome = if service.servers.first().is_some_and(|s| s.h2c) {
+                    proxy_h2c(&ctx, &info, &compiled, router, &request, body, respond)
+                        .instrument(span)
+                        .await
+                } else {
+                    proxy_http1(&ctx, &info, &compiled, router, &request, body, respond)
+                        .instrument(span)
+                        .await
+                };
+                router.stats.record(ctx.id, Protocol::Http2, outcome.status);
+                outcome
+            }
+            None => send_local(&mut respond, 404),
+        }
+    };
+    if route_name.is_empty() {
+        ctx.shared
+            .unrouted_stats
+            .record(ctx.id, Protocol::Http2, outcome.status);
+    }
+    ctx.access_log.borrow_mut().record(&Record {
+        request_id: request_id.as_str(),
+        conn_id: info.conn_id,
+        client: client_ip,
+        tls: info.is_tls(),
+        protocol: Protocol::Http2,
+        host: &host,
+        method: method.as_bytes(),
+        path: target,
+        status: outcome.status,
+        bytes: outcome.bytes,
+        duration: started.elapsed(),
+        route: route_name,
+        upstream: outcome.upstream,
+    });
+}
+
+/// The parts of a request that forwarding needs.
+pub(super) struct ForwardedRequest<'a> {
+    pub parts: &'a http::request::Parts,
+    pub raw_host: &'a [u8],
+    pub target: &'a [u8],
+    pub request_id: RequestId,
+    pub client_ip: IpAddr,
+}
+
+impl ForwardedRequest<'_> {
+    /// Returns the facts about this request that the backend receives besides its fields.
+    pub fn forward_info<'a>(
+        &'a self,
+        host: &'a [u8],
+        info: &crate::worker::ConnInfo,
+        trusted_peer: bool,
+    ) -> ForwardInfo<'a> {
+        ForwardInfo {
+            method: self.parts.method.as_str().as_bytes(),
+            target: self.target,
+            host,
+            raw_host: self.raw_host,
+            client_ip: self.client_ip,
+            request_id: self.request_id,
+            tls: info.is_tls(),
+            local_port: info.local_port,
+            trusted_peer,
+        }
+    }
+}
+
+/// Sends a response head to the client. Returns the stream for the body, or `None` (logged)
+/// when the client has gone.
+pub(super) fn send_head(
+    respond: &mut SendResponse<Bytes>,
+    head: Response<()>,
+    end_of_stream: bool,
+) -> Option<SendStream<Bytes>> {
+    match respond.send_response(head, end_of_stream) {
+        Ok(send) => Some(send),
+        Err(e) => {
+            debug!(error = %e, "sending the response head failed");
+            None
+        }
+    }
+}
+
+/// Sends a response generated by the edge and ends the stream.
+pub(super) fn send_local(respond: &mut SendResponse<Bytes>, status: u16) -> Outcome {
+    let (_, text) = local_response_text(status);
+    let response = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header(header::CONTENT_LENGTH, text.len())
+        .body(())
+        .unwrap_or_default();
+    let bytes = match respond.send_response(response, false) {
+        Ok(mut stream) => match stream.send_data(Bytes::from_static(text.as_bytes()), true) {
+            Ok(()) => text.len() as u64,
+            Err(_) => 0,
+        },
+        Err(_) => 0,
+    };
+    Outcome {
+        status,
+        bytes,
+        upstream: None,
+    }
+}
