@@ -71,8 +71,17 @@ fn save_blocks(path: &Path, blocks: &[SavedBlock]) {
     let result = serde_json::to_vec_pretty(blocks)
         .map_err(std::io::Error::other)
         .and_then(|json| {
+            use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
             let tmp = path.with_extension("json.tmp");
-            std::fs::write(&tmp, json)?;
+            // Owner-only, like the agent's other state files.
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            file.write_all(&json)?;
+            file.sync_all()?;
             std::fs::rename(&tmp, path)
         });
     if let Err(e) = result {
@@ -99,6 +108,12 @@ pub fn handle(settings: &FilterSettings, request: &CtlRequest) -> CtlResponse {
                 Ok(net) => net,
                 Err(e) => return CtlResponse::error(e),
             };
+            if net.prefix_len() == 0 {
+                return CtlResponse::error(format!(
+                    "invalid block {net}: it matches every {} source, so block a narrower network",
+                    if net.addr().is_ipv4() { "IPv4" } else { "IPv6" }
+                ));
+            }
             if *ttl_ms == Some(0) {
                 return CtlResponse::error("invalid TTL 0: give a positive duration such as 10m, or none for a permanent block");
             }
@@ -167,6 +182,21 @@ pub fn handle(settings: &FilterSettings, request: &CtlRequest) -> CtlResponse {
                     "origin": if entry.origin == BLOCK_AUTO { "auto" } else { "manual" },
                 }))
                 .collect::<Vec<_>>())),
+            Err(PinnedError::NotPinned { .. }) if settings.blocks_file.is_some() => {
+                // The edge has not loaded its filter: list the saved blocks, which apply
+                // when it does.
+                let now = unix_now_ms();
+                let blocks = settings.blocks_file.as_deref().map(load_blocks).unwrap_or_default();
+                CtlResponse::ok(json!(blocks
+                    .iter()
+                    .filter(|b| b.expires_unix_ms.is_none_or(|at| at > now))
+                    .map(|b| json!({
+                        "cidr": b.cidr.to_string(),
+                        "expires_in_secs": b.expires_unix_ms.map(|at| (at - now) / 1000),
+                        "origin": "pending",
+                    }))
+                    .collect::<Vec<_>>()))
+            }
             Err(e) => CtlResponse::error(e.to_string()),
         },
         _ => CtlResponse::error("not a filter request"),
@@ -267,4 +297,89 @@ fn restore_saved(pins: &PinnedMaps, settings: &FilterSettings) -> Result<(), Pin
         info!(net = %block.cidr, ttl = ?ttl, "restored a saved block missing from the filter");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    /// Settings whose pin directory holds no maps, as before the edge loads its filter.
+    fn unloaded(dir: &Path) -> FilterSettings {
+        FilterSettings {
+            pin_dir: dir.join("no-pins"),
+            limits: Limits::default(),
+            blocks_file: Some(dir.join("agent-blocks.json")),
+        }
+    }
+
+    fn scratch_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("edge-filter-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn block_of_every_source_rejected() {
+        let dir = scratch_dir("all");
+        let settings = unloaded(&dir);
+        for cidr in ["0.0.0.0/0", "::/0"] {
+            let response = handle(
+                &settings,
+                &CtlRequest::Block {
+                    cidr: cidr.into(),
+                    ttl_ms: None,
+                },
+            );
+            assert!(!response.ok, "{cidr} was accepted");
+            assert!(
+                response.error.unwrap().contains("every"),
+                "{cidr}: unclear error"
+            );
+        }
+        assert!(!dir.join("agent-blocks.json").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pending_blocks_are_listed_and_saved_owner_only() {
+        let dir = scratch_dir("pending");
+        let settings = unloaded(&dir);
+        let response = handle(
+            &settings,
+            &CtlRequest::Block {
+                cidr: "192.0.2.0/24".into(),
+                ttl_ms: Some(600_000),
+            },
+        );
+        assert!(response.ok, "{:?}", response.error);
+        assert!(response.data["pending"].is_string(), "{}", response.data);
+
+        let listed = handle(&settings, &CtlRequest::Blocked);
+        assert!(listed.ok, "{:?}", listed.error);
+        let rows = listed.data.as_array().unwrap();
+        assert_eq!(rows.len(), 1, "{}", listed.data);
+        assert_eq!(rows[0]["cidr"], "192.0.2.0/24");
+        assert_eq!(rows[0]["origin"], "pending");
+        assert!(rows[0]["expires_in_secs"].as_u64().unwrap() > 500);
+
+        let mode = std::fs::metadata(dir.join("agent-blocks.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let response = handle(
+            &settings,
+            &CtlRequest::Unblock {
+                cidr: "192.0.2.0/24".into(),
+            },
+        );
+        assert!(response.ok, "{:?}", response.error);
+        let listed = handle(&settings, &CtlRequest::Blocked);
+        assert_eq!(listed.data.as_array().map(Vec::len), Some(0));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -25,7 +25,7 @@ const _: () = assert!(size_of::<Key<[u8; 16]>>() == size_of::<LpmKeyV6>());
 #[non_exhaustive]
 pub enum PinnedError {
     /// The pin does not exist because no edge has loaded the programs since boot.
-    #[error("pinned map {path} not found: the edge has not loaded its eBPF programs (loading needs root)")]
+    #[error("pinned map {path} not found: the edge has not loaded its eBPF programs (it needs root and the same pin directory as the agent)")]
     NotPinned { path: PathBuf },
     /// A map operation failed.
     #[error("{operation} on pinned map {path} failed: {source}")]

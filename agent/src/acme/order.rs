@@ -39,7 +39,9 @@ pub enum OrderError {
     #[error("the CA offers no {kind} challenge for {name}")]
     NoChallenge { kind: &'static str, name: String },
     /// The edge did not apply a snapshot with the challenge responses in time.
-    #[error("the edge did not serve the challenge responses within {0:?}; is it running?")]
+    #[error(
+        "the edge did not acknowledge the challenge responses within {0:?}; check that the edge runs and that the agent has sent it routes (`edgectl status`; without Docker, start the agent with --docker false)"
+    )]
     EdgeNotReady(Duration),
     /// Generating a key, the CSR or the challenge certificate failed.
     #[error("{0}")]
