@@ -14,10 +14,14 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
-    sync::{mpsc, Arc, Mutex},
+    sync::{mpsc, Mutex},
     thread,
     time::{Duration, Instant},
 };
+
+mod support;
+
+use support::{binary, Process};
 
 /// Maximum wait for an order to complete or a state to show.
 const ISSUE_LIMIT: Duration = Duration::from_secs(90);
@@ -42,18 +46,6 @@ fn pebble_enabled() -> bool {
     installed
 }
 
-fn binary(name: &str) -> PathBuf {
-    // target/debug/deps/acme-HASH -> target/debug/NAME
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build -p edge -p agent`",
-        path.display()
-    );
-    path
-}
-
 /// Returns a loopback port that was free a moment ago.
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -71,88 +63,6 @@ fn run(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// A child process with its output lines (stdout and stderr) collected.
-struct Process {
-    child: Child,
-    logs: Arc<Mutex<Vec<String>>>,
-}
-
-impl Process {
-    fn spawn(cmd: &mut Command, ready: &str) -> (Process, String) {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let streams: [Box<dyn Read + Send>; 2] = [
-            Box::new(child.stdout.take().unwrap()),
-            Box::new(child.stderr.take().unwrap()),
-        ];
-        for stream in streams {
-            let logs = logs.clone();
-            let tx = tx.clone();
-            let ready = ready.to_owned();
-            thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if line.contains(&ready) {
-                        let _ = tx.send(line.clone());
-                    }
-                    logs.lock().unwrap().push(line);
-                }
-            });
-        }
-        let line = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) => line,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "{cmd:?} not ready; output:\n{}",
-                    logs.lock().unwrap().join("\n")
-                );
-            }
-        };
-        (Process { child, logs }, line)
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        self.logs
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
-    }
-
-    fn output(&self) -> String {
-        self.logs.lock().unwrap().join("\n")
-    }
-
-    fn terminate(&mut self) {
-        // SAFETY: kill(2) on the PID of a child this test spawned and has not reaped.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if self.child.try_wait().unwrap().is_some() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        panic!("process did not stop after SIGTERM");
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// pebble and pebble-challtestsrv.

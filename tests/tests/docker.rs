@@ -8,17 +8,21 @@
 //! skipped.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
-        mpsc, Arc, Mutex,
+        Arc, Mutex,
     },
     thread,
     time::{Duration, Instant},
 };
+
+mod support;
+
+use support::{binary, Process};
 
 const IMAGE: &str = "edge-test-backend:latest";
 /// The same backend with a Docker HEALTHCHECK (`test-backend --check` every 500 ms).
@@ -36,18 +40,6 @@ fn docker_enabled() -> bool {
     false
 }
 
-fn binary(name: &str) -> PathBuf {
-    // target/debug/deps/docker-HASH -> target/debug/NAME
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build -p edge -p agent`",
-        path.display()
-    );
-    path
-}
-
 fn docker(args: &[&str]) -> String {
     let output = Command::new("docker")
         .args(args)
@@ -59,71 +51,6 @@ fn docker(args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
-}
-
-/// A child process with its stderr lines collected.
-struct Process {
-    child: Child,
-    logs: Arc<Mutex<Vec<String>>>,
-}
-
-impl Process {
-    fn spawn(cmd: &mut Command, ready: &str) -> (Process, String) {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let ready = ready.to_owned();
-        {
-            let logs = logs.clone();
-            thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if line.contains(&ready) {
-                        let _ = tx.send(line.clone());
-                    }
-                    logs.lock().unwrap().push(line);
-                }
-            });
-        }
-        let line = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) => line,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "process not ready; logs:\n{}",
-                    logs.lock().unwrap().join("\n")
-                );
-            }
-        };
-        (Process { child, logs }, line)
-    }
-
-    fn terminate(&mut self) {
-        // SAFETY: kill(2) on the PID of a child this test spawned and has not reaped.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if self.child.try_wait().unwrap().is_some() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        panic!("process did not stop after SIGTERM");
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// An edge and an agent sharing one state directory, and the containers a test started.

@@ -21,6 +21,10 @@ use std::{
 
 use edge_ebpf::{user::PinnedMaps, Limits};
 
+mod support;
+
+use support::binary;
+
 const EDGE_ADDR: &str = "10.211.0.1";
 /// The client that gets blocked and that floods.
 const NOISY: &str = "10.211.0.2";
@@ -53,18 +57,6 @@ fn bpf_enabled() -> bool {
         "skipped: network namespace tests run through `cargo xtask test` as root (EDGE_E2E_BPF=1)"
     );
     false
-}
-
-fn binary(name: &str) -> PathBuf {
-    // target/debug/deps/xdp_netns-HASH -> target/debug/NAME
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build -p edge -p agent`",
-        path.display()
-    );
-    path
 }
 
 fn run(program: &str, args: &[&str]) -> Output {
