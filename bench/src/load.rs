@@ -782,12 +782,9 @@ async fn h2_closed_loop(shared: &Arc<Shared>, recorder: &Rc<RefCell<Recorder>>) 
         if started >= shared.window.end || shared.stopped() {
             break;
         }
-        let opened = tokio::time::timeout(
-            shared.config.request_timeout,
-            h2_open(shared, recorder),
-        )
-        .await
-        .unwrap_or(Err(ErrorKind::Timeout));
+        let opened = tokio::time::timeout(shared.config.request_timeout, h2_open(shared, recorder))
+            .await
+            .unwrap_or(Err(ErrorKind::Timeout));
         let client = match opened {
             Ok(client) => client,
             Err(kind) => {
@@ -1061,5 +1058,95 @@ mod tests {
         for kind in [ErrorKind::GoAway, ErrorKind::Read, ErrorKind::H2Protocol] {
             assert!(h2_ends_connection(kind), "{kind}");
         }
+    }
+
+    /// What the test server does with each HTTP/2 request.
+    #[derive(Clone, Copy)]
+    enum Answer {
+        Status(u16),
+        Reset,
+    }
+
+    /// Serves one TLS connection on a loopback port, with HTTP/2 when `alpn` is `h2`, and
+    /// answers its requests with `answer`. Gives up after 10 s so that a test cannot hang.
+    fn serve_one(alpn: Option<&'static [u8]>, answer: Answer) -> (SocketAddr, JoinHandle<()>) {
+        let certified = rcgen::generate_simple_self_signed(vec!["bench.local".to_owned()]).unwrap();
+        let key =
+            rustls::pki_types::PrivateKeyDer::Pkcs8(certified.key_pair.serialize_der().into());
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![certified.cert.der().clone()], key)
+            .unwrap();
+        config.alpn_protocols = alpn.into_iter().map(<[u8]>::to_vec).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let serve = async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let (tcp, _) = listener.accept().await.unwrap();
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let handshake = h2::server::Builder::new().handshake::<_, &'static [u8]>(tls);
+                let Ok(mut connection) = handshake.await else {
+                    return;
+                };
+                while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                    match answer {
+                        Answer::Status(status) => {
+                            let response =
+                                http::Response::builder().status(status).body(()).unwrap();
+                            let mut body = respond.send_response(response, false).unwrap();
+                            body.send_data(b"ok".as_slice(), true).unwrap();
+                        }
+                        Answer::Reset => respond.send_reset(h2::Reason::REFUSED_STREAM),
+                    }
+                }
+            };
+            runtime.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_secs(10), serve).await;
+            });
+        });
+        (addr, thread)
+    }
+
+    fn probe_h2(addr: SocketAddr) -> anyhow::Result<u16> {
+        probe(addr, "bench.local", Protocol::Http2, Duration::from_secs(5))
+    }
+
+    #[test]
+    fn h2_probe_reads_the_status() {
+        let (addr, server) = serve_one(Some(b"h2"), Answer::Status(200));
+        assert_eq!(probe_h2(addr).unwrap(), 200);
+        server.join().unwrap();
+        let (addr, server) = serve_one(Some(b"h2"), Answer::Status(503));
+        assert_eq!(probe_h2(addr).unwrap(), 503);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn h2_probe_names_a_reset_stream() {
+        let (addr, server) = serve_one(Some(b"h2"), Answer::Reset);
+        let err = probe_h2(addr).unwrap_err().to_string();
+        assert_eq!(err, format!("probe of {addr} failed: stream reset"));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn h2_probe_needs_alpn_h2() {
+        let (addr, server) = serve_one(None, Answer::Status(200));
+        let err = probe_h2(addr).unwrap_err().to_string();
+        assert_eq!(err, format!("probe of {addr} failed: alpn not h2"));
+        server.join().unwrap();
     }
 }
