@@ -428,7 +428,7 @@ fn try_start_proxy(
     Ok(())
 }
 
-/// Checks that `https` selects `h2` and answers an HTTP/2 request with status 200.
+/// Checks that `https` selects `h2` and returns status 200 for an HTTP/2 request.
 fn probe_h2(https: SocketAddr) -> Result<(), String> {
     match load::probe(https, ROUTE_HOST, Protocol::Http2, Duration::from_secs(2)) {
         Ok(200) => Ok(()),

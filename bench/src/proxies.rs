@@ -625,7 +625,7 @@ mod tests {
     }
 
     #[test]
-    fn caddy_offers_h2_on_tls_and_h1_on_plain() {
+    fn caddy_offers_h2_on_tls_only() {
         let cert = test_cert();
         let value: serde_json::Value =
             serde_json::from_str(&caddy_config(TEST_PORTS, &test_common(&cert))).unwrap();
