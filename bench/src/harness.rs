@@ -67,6 +67,10 @@ pub struct Options {
     pub connections: usize,
     pub handshake_connections: usize,
     pub fixed_rate_connections: usize,
+    /// Connections of the HTTP/2 scenario.
+    pub h2_connections: usize,
+    /// Concurrent streams on each HTTP/2 connection.
+    pub h2_streams: usize,
     /// Requests per second of the fixed-rate scenario; by default half of nginx's median
     /// closed-loop HTTP/1.1 rate.
     pub fixed_rate: Option<f64>,
@@ -209,6 +213,7 @@ fn run_in(options: &Options, dir: &Path, interrupted: &Arc<AtomicBool>) -> anyho
             program: "built-in backend".to_owned(),
             idle_rss_kib: None,
             skipped: None,
+            h2_skipped: None,
             idle_tls: None,
         },
         http: backend.addr,
@@ -246,6 +251,8 @@ fn run_in(options: &Options, dir: &Path, interrupted: &Arc<AtomicBool>) -> anyho
         connections: options.connections,
         handshake_connections: options.handshake_connections,
         fixed_rate_connections: options.fixed_rate_connections,
+        h2_connections: options.h2_connections,
+        h2_streams: options.h2_streams,
         fixed_rate_per_s: 0.0,
         fixed_rate_basis: String::new(),
         request_timeout_s: options.request_timeout.as_secs_f64(),
@@ -312,7 +319,9 @@ struct Target {
 
 impl Target {
     fn runs(&self, scenario: Scenario) -> bool {
-        if self.info.skipped.is_some() {
+        if self.info.skipped.is_some()
+            || (scenario.protocol() == Protocol::Http2 && self.info.h2_skipped.is_some())
+        {
             return false;
         }
         scenario.protocol() == Protocol::Http1 || self.https.is_some()
@@ -354,6 +363,7 @@ fn start_proxy(
             program: String::new(),
             idle_rss_kib: None,
             skipped: None,
+            h2_skipped: None,
             idle_tls: None,
         },
         http: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -407,7 +417,24 @@ fn try_start_proxy(
     target.https = Some(SocketAddr::from(([127, 0, 0, 1], ports.https)));
     let ready = wait_ready(&mut process, target.http, target.https);
     target.process = Some(process);
-    ready
+    ready?;
+    if let Some(https) = target.https {
+        // A proxy without HTTP/2 on its TLS listener skips that scenario only.
+        if let Err(reason) = probe_h2(https) {
+            eprintln!("bench: {kind} skips {}: {reason}", Scenario::TlsHttp2);
+            target.info.h2_skipped = Some(reason);
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `https` selects `h2` and returns status 200 for an HTTP/2 request.
+fn probe_h2(https: SocketAddr) -> Result<(), String> {
+    match load::probe(https, ROUTE_HOST, Protocol::Http2, Duration::from_secs(2)) {
+        Ok(200) => Ok(()),
+        Ok(status) => Err(format!("HTTP/2 request answered status {status}")),
+        Err(e) => Err(format!("{e:#}")),
+    }
 }
 
 /// Waits until both listeners return status 200 for a request to the route host.
@@ -504,8 +531,13 @@ impl Session<'_> {
         let options = self.options;
         self.progress
             .begin(round, options.rounds(), scenario, &target.info.name);
+        let mut streams = 1;
         let (mode, connections) = match scenario {
             Scenario::KeepAlive | Scenario::TlsKeepAlive => (Mode::Closed, options.connections),
+            Scenario::TlsHttp2 => {
+                streams = options.h2_streams;
+                (Mode::Closed, options.h2_connections)
+            }
             Scenario::TlsHandshake => (Mode::NewConnection, options.handshake_connections),
             Scenario::FixedRate => (
                 Mode::Open {
@@ -521,6 +553,7 @@ impl Session<'_> {
             protocol: scenario.protocol(),
             mode,
             connections,
+            streams,
             threads: self.client_cpus,
             warmup: options.warmup(),
             duration: options.duration(),

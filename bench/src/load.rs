@@ -1,5 +1,6 @@
 //! The load generator: closed-loop, open-loop and new-connection-per-request runs of HTTP/1.1
-//! GET requests, plain or over TLS, on one current-thread tokio runtime per thread.
+//! GET requests, plain or over TLS, and closed-loop runs of HTTP/2 over TLS with many streams
+//! per connection, on one current-thread tokio runtime per thread.
 //!
 //! Every run is bounded: connections stop sending at the end of the window, and a request in
 //! flight then is abandoned after the request timeout.
@@ -54,7 +55,7 @@ pub enum Protocol {
     #[value(name = "h1-tls")]
     #[serde(rename = "h1-tls")]
     Http1Tls,
-    /// HTTP/2 over TLS, not supported yet.
+    /// HTTP/2 over TLS (ALPN `h2`), closed loop only.
     #[value(name = "h2")]
     #[serde(rename = "h2")]
     Http2,
@@ -67,6 +68,15 @@ pub enum Protocol {
 impl Protocol {
     fn uses_tls(self) -> bool {
         !matches!(self, Self::Http1)
+    }
+
+    /// Returns the only ALPN protocol the client offers.
+    fn alpn(self) -> &'static [u8] {
+        match self {
+            Self::Http2 => b"h2",
+            Self::Http3 => b"h3",
+            Self::Http1 | Self::Http1Tls => b"http/1.1",
+        }
     }
 }
 
@@ -114,6 +124,8 @@ pub struct LoadConfig {
     pub protocol: Protocol,
     pub mode: Mode,
     pub connections: usize,
+    /// Concurrent streams on each connection; HTTP/2 only, HTTP/1.1 uses one per connection.
+    pub streams: usize,
     /// Load-generator threads, each with its own runtime. Connections are spread over them.
     pub threads: usize,
     /// Time before the measured window, whose requests are not recorded.
@@ -138,6 +150,9 @@ pub struct LoadReport {
     pub protocol: Protocol,
     pub mode: Mode,
     pub connections: usize,
+    /// Concurrent streams per connection (1 for HTTP/1.1).
+    #[serde(default = "one")]
+    pub streams: usize,
     pub measured_s: f64,
     /// 2xx responses to requests started (or due, in open loop) in the measured window.
     pub responses: u64,
@@ -155,6 +170,10 @@ pub struct LoadReport {
     pub send_lag_us: Option<LatencySummary>,
     /// Negotiated TLS version, cipher suite and key exchange.
     pub tls_session: Option<String>,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl LoadReport {
@@ -198,15 +217,22 @@ impl RunningLoad {
 /// Fails for protocols the load generator does not speak yet, for invalid settings, and when
 /// a thread cannot be spawned.
 pub fn start(config: &LoadConfig, stop: Arc<AtomicBool>) -> anyhow::Result<RunningLoad> {
-    match config.protocol {
-        Protocol::Http1 | Protocol::Http1Tls => {}
-        Protocol::Http2 | Protocol::Http3 => bail!(
-            "{} is not supported by the load generator yet; use h1 or h1-tls",
+    match (config.protocol, config.mode) {
+        (Protocol::Http1 | Protocol::Http1Tls, _) | (Protocol::Http2, Mode::Closed) => {}
+        (Protocol::Http2, mode) => bail!(
+            "{} runs closed loop only; {mode} is not supported by the load generator yet",
+            config.protocol
+        ),
+        (Protocol::Http3, _) => bail!(
+            "{} is not supported by the load generator yet; use h1, h1-tls or h2",
             config.protocol
         ),
     }
     if config.connections == 0 {
         bail!("connections must be at least 1");
+    }
+    if config.streams == 0 {
+        bail!("streams must be at least 1");
     }
     if let Mode::Open { rate_per_s } = config.mode {
         if !(rate_per_s.is_finite() && rate_per_s > 0.0) {
@@ -219,7 +245,7 @@ pub fn start(config: &LoadConfig, stop: Arc<AtomicBool>) -> anyhow::Result<Runni
         let server_name = ServerName::try_from(config.host.clone())
             .with_context(|| format!("invalid TLS server name {:?}", config.host))?;
         Some((
-            TlsConnector::from(crate::tls::client_config()?),
+            TlsConnector::from(crate::tls::client_config(config.protocol.alpn())?),
             server_name,
         ))
     } else {
@@ -235,6 +261,7 @@ pub fn start(config: &LoadConfig, stop: Arc<AtomicBool>) -> anyhow::Result<Runni
     let shared = Arc::new(Shared {
         request: request_bytes(&config.host, &config.path, false),
         closing_request: request_bytes(&config.host, &config.path, true),
+        h2_uri: h2_uri(&config.host, &config.path)?,
         config: config.clone(),
         window,
         tls,
@@ -286,13 +313,27 @@ pub fn probe(
         .build()
         .context("building the probe runtime")?;
     let recorder = RefCell::new(Recorder::new());
-    let mut conn = None;
-    let result = runtime.block_on(send_request(
-        &shared,
-        &mut conn,
-        &shared.closing_request,
-        &recorder,
-    ));
+    let result = if protocol == Protocol::Http2 {
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async {
+            let exchange = async {
+                let client = h2_open(&shared, &recorder).await?;
+                h2_exchange(client, &shared.h2_uri).await
+            };
+            tokio::time::timeout(timeout, exchange)
+                .await
+                .unwrap_or(Err(ErrorKind::Timeout))
+                .and_then(status_result)
+        })
+    } else {
+        let mut conn = None;
+        runtime.block_on(send_request(
+            &shared,
+            &mut conn,
+            &shared.closing_request,
+            &recorder,
+        ))
+    };
     match result {
         Ok(status) | Err(ErrorKind::Status(status)) => Ok(status),
         Err(kind) => bail!("probe of {target} failed: {kind}"),
@@ -417,6 +458,7 @@ fn single_connection_shared(
         protocol,
         mode: Mode::NewConnection,
         connections: 1,
+        streams: 1,
         threads: 1,
         warmup: Duration::ZERO,
         duration: Duration::ZERO,
@@ -426,7 +468,7 @@ fn single_connection_shared(
         let server_name = ServerName::try_from(host.to_owned())
             .with_context(|| format!("invalid TLS server name {host:?}"))?;
         Some((
-            TlsConnector::from(crate::tls::client_config()?),
+            TlsConnector::from(crate::tls::client_config(protocol.alpn())?),
             server_name,
         ))
     } else {
@@ -436,6 +478,7 @@ fn single_connection_shared(
     Ok(Shared {
         request: request_bytes(host, "/", false),
         closing_request: request_bytes(host, "/", true),
+        h2_uri: h2_uri(host, "/")?,
         config,
         window: Window {
             start: now,
@@ -454,6 +497,8 @@ struct Shared {
     request: Vec<u8>,
     /// The request with `Connection: close`, for new-connection runs.
     closing_request: Vec<u8>,
+    /// Absolute URI of HTTP/2 requests, which carries `:authority`.
+    h2_uri: http::Uri,
     tls: Option<(TlsConnector, ServerName<'static>)>,
     stop: Arc<AtomicBool>,
 }
@@ -485,6 +530,9 @@ fn run_thread(shared: &Arc<Shared>, connection_ids: &[usize]) -> anyhow::Result<
             tasks.push(tokio::task::spawn_local(async move {
                 tokio::time::sleep_until(shared.window.start.into()).await;
                 match shared.config.mode {
+                    Mode::Closed if shared.config.protocol == Protocol::Http2 => {
+                        h2_closed_loop(&shared, &recorder).await;
+                    }
                     Mode::Closed => closed_loop(&shared, &recorder).await,
                     Mode::Open { rate_per_s } => {
                         let schedule = Schedule::new(id, shared.config.connections, rate_per_s);
@@ -717,6 +765,175 @@ impl Conn {
     }
 }
 
+fn h2_uri(host: &str, path: &str) -> anyhow::Result<http::Uri> {
+    format!("https://{host}{path}")
+        .parse()
+        .with_context(|| format!("invalid host {host:?} or path {path:?} for an HTTP/2 request"))
+}
+
+/// The side of a connection that starts HTTP/2 requests.
+type H2Client = h2::client::SendRequest<&'static [u8]>;
+
+/// One closed-loop HTTP/2 connection: opens it, runs `streams` request loops on it, and opens
+/// a new one when it fails, until the window ends.
+async fn h2_closed_loop(shared: &Arc<Shared>, recorder: &Rc<RefCell<Recorder>>) {
+    loop {
+        let started = Instant::now();
+        if started >= shared.window.end || shared.stopped() {
+            break;
+        }
+        let opened = tokio::time::timeout(shared.config.request_timeout, h2_open(shared, recorder))
+            .await
+            .unwrap_or(Err(ErrorKind::Timeout));
+        let client = match opened {
+            Ok(client) => client,
+            Err(kind) => {
+                // The first request of every stream fails with the connection.
+                if started >= shared.window.measure_from {
+                    recorder
+                        .borrow_mut()
+                        .add_errors(kind, shared.config.streams as u64);
+                }
+                if kind == ErrorKind::Connect {
+                    tokio::time::sleep(CONNECT_RETRY_PAUSE).await;
+                }
+                continue;
+            }
+        };
+        let mut streams = tokio::task::JoinSet::new();
+        for _ in 0..shared.config.streams {
+            let shared = shared.clone();
+            let recorder = recorder.clone();
+            let client = client.clone();
+            streams.spawn_local(async move { h2_stream_loop(&shared, &recorder, client).await });
+        }
+        drop(client);
+        while streams.join_next().await.is_some() {}
+    }
+}
+
+/// Sends requests one after another on new streams of `client` until the window ends or the
+/// connection fails.
+async fn h2_stream_loop(shared: &Shared, recorder: &RefCell<Recorder>, client: H2Client) {
+    loop {
+        let started = Instant::now();
+        if started >= shared.window.end || shared.stopped() {
+            break;
+        }
+        let result = tokio::time::timeout(
+            shared.config.request_timeout,
+            h2_exchange(client.clone(), &shared.h2_uri),
+        )
+        .await
+        .unwrap_or(Err(ErrorKind::Timeout))
+        .and_then(status_result);
+        let done = Instant::now();
+        if started >= shared.window.measure_from {
+            record(recorder, result, done - started);
+        }
+        if let Err(kind) = result {
+            if h2_ends_connection(kind) {
+                break;
+            }
+        }
+    }
+}
+
+fn status_result(status: u16) -> Result<u16, ErrorKind> {
+    if (200..300).contains(&status) {
+        Ok(status)
+    } else {
+        Err(ErrorKind::Status(status))
+    }
+}
+
+/// Returns whether an HTTP/2 request failure means that its connection is unusable. A reset
+/// stream, a bad status or an oversized body leave the connection open, and a timed-out
+/// request is reset by dropping it.
+fn h2_ends_connection(kind: ErrorKind) -> bool {
+    !matches!(
+        kind,
+        ErrorKind::StreamReset
+            | ErrorKind::Status(_)
+            | ErrorKind::InvalidResponse
+            | ErrorKind::Timeout
+    )
+}
+
+/// Maps an error of the h2 crate to the kind counted in the report.
+fn h2_error_kind(error: &h2::Error) -> ErrorKind {
+    if error.is_reset() {
+        ErrorKind::StreamReset
+    } else if error.is_go_away() {
+        ErrorKind::GoAway
+    } else if error.is_io() {
+        ErrorKind::Read
+    } else {
+        ErrorKind::H2Protocol
+    }
+}
+
+/// Connects, completes a TLS handshake that must select `h2`, and starts the HTTP/2
+/// connection on a local task.
+async fn h2_open(shared: &Shared, recorder: &RefCell<Recorder>) -> Result<H2Client, ErrorKind> {
+    let Some((connector, server_name)) = &shared.tls else {
+        return Err(ErrorKind::NoH2);
+    };
+    let tcp = TcpStream::connect(shared.config.target)
+        .await
+        .map_err(|_| ErrorKind::Connect)?;
+    let _ = tcp.set_nodelay(true);
+    let tls = connector
+        .connect(server_name.clone(), tcp)
+        .await
+        .map_err(|_| ErrorKind::TlsHandshake)?;
+    if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+        return Err(ErrorKind::NoH2);
+    }
+    {
+        let mut recorder = recorder.borrow_mut();
+        if recorder.tls_session.is_none() {
+            recorder.tls_session = Some(crate::tls::describe_session(tls.get_ref().1));
+        }
+    }
+    let (client, connection) = h2::client::Builder::new()
+        .handshake::<_, &'static [u8]>(tls)
+        .await
+        .map_err(|e| h2_error_kind(&e))?;
+    // The connection ends when every client handle and stream is dropped, or when it fails;
+    // its streams then see the error.
+    tokio::task::spawn_local(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// Sends one GET on a new stream of `client` and reads the whole response body. Returns the
+/// status, whatever it is.
+async fn h2_exchange(client: H2Client, uri: &http::Uri) -> Result<u16, ErrorKind> {
+    let mut client = client.ready().await.map_err(|e| h2_error_kind(&e))?;
+    let request = http::Request::get(uri.clone())
+        .header(http::header::USER_AGENT, "edge-bench")
+        .body(())
+        .map_err(|_| ErrorKind::H2Protocol)?;
+    let (response, _) = client
+        .send_request(request, true)
+        .map_err(|e| h2_error_kind(&e))?;
+    let response = response.await.map_err(|e| h2_error_kind(&e))?;
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    let mut received = 0;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| h2_error_kind(&e))?;
+        received += chunk.len();
+        if received > MAX_RESPONSE_BYTES {
+            return Err(ErrorKind::InvalidResponse);
+        }
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    Ok(status)
+}
+
 fn report(config: &LoadConfig, window: Window, total: &Recorder) -> LoadReport {
     let measured_s = (window.end - window.measure_from).as_secs_f64();
     let responses = total.latency_us.len();
@@ -725,6 +942,11 @@ fn report(config: &LoadConfig, window: Window, total: &Recorder) -> LoadReport {
         protocol: config.protocol,
         mode: config.mode,
         connections: config.connections,
+        streams: if config.protocol == Protocol::Http2 {
+            config.streams
+        } else {
+            1
+        },
         measured_s,
         responses,
         requests_per_s: if measured_s > 0.0 {
@@ -766,27 +988,165 @@ mod tests {
         assert!(request.ends_with("Connection: close\r\n\r\n"), "{request}");
     }
 
-    #[test]
-    fn http2_is_rejected_with_reason() {
-        let config = LoadConfig {
+    fn config(protocol: Protocol, mode: Mode) -> LoadConfig {
+        LoadConfig {
             target: "127.0.0.1:9".parse().unwrap(),
             host: "bench.local".to_owned(),
             path: "/".to_owned(),
-            protocol: Protocol::Http2,
-            mode: Mode::Closed,
+            protocol,
+            mode,
             connections: 1,
+            streams: 1,
             threads: 1,
             warmup: Duration::ZERO,
             duration: Duration::ZERO,
             request_timeout: Duration::from_secs(1),
-        };
-        let err = start(&config, Arc::new(AtomicBool::new(false)))
+        }
+    }
+
+    fn start_error(config: &LoadConfig) -> String {
+        start(config, Arc::new(AtomicBool::new(false)))
             .err()
             .unwrap()
-            .to_string();
+            .to_string()
+    }
+
+    #[test]
+    fn http3_is_rejected_with_reason() {
         assert_eq!(
-            err,
-            "HTTPS HTTP/2 is not supported by the load generator yet; use h1 or h1-tls"
+            start_error(&config(Protocol::Http3, Mode::Closed)),
+            "HTTP/3 is not supported by the load generator yet; use h1, h1-tls or h2"
         );
+    }
+
+    #[test]
+    fn http2_runs_closed_loop_only() {
+        assert_eq!(
+            start_error(&config(Protocol::Http2, Mode::NewConnection)),
+            "HTTPS HTTP/2 runs closed loop only; new connection per request is not supported by \
+             the load generator yet"
+        );
+    }
+
+    #[test]
+    fn zero_streams_are_rejected() {
+        let config = LoadConfig {
+            streams: 0,
+            ..config(Protocol::Http2, Mode::Closed)
+        };
+        assert_eq!(start_error(&config), "streams must be at least 1");
+    }
+
+    #[test]
+    fn h2_uri_carries_authority_and_path() {
+        let uri = h2_uri("bench.local", "/a?b=1").unwrap();
+        assert_eq!(uri.authority().unwrap().as_str(), "bench.local");
+        assert_eq!(uri.path_and_query().unwrap().as_str(), "/a?b=1");
+        assert!(h2_uri("bad host", "/").is_err());
+    }
+
+    #[test]
+    fn only_connection_failures_end_an_h2_connection() {
+        for kind in [
+            ErrorKind::StreamReset,
+            ErrorKind::Status(503),
+            ErrorKind::InvalidResponse,
+            ErrorKind::Timeout,
+        ] {
+            assert!(!h2_ends_connection(kind), "{kind}");
+        }
+        for kind in [ErrorKind::GoAway, ErrorKind::Read, ErrorKind::H2Protocol] {
+            assert!(h2_ends_connection(kind), "{kind}");
+        }
+    }
+
+    /// What the test server does with each HTTP/2 request.
+    #[derive(Clone, Copy)]
+    enum Answer {
+        Status(u16),
+        Reset,
+    }
+
+    /// Serves one TLS connection on a loopback port, with HTTP/2 when `alpn` is `h2`, and
+    /// answers its requests with `answer`. Gives up after 10 s so that a test cannot hang.
+    fn serve_one(alpn: Option<&'static [u8]>, answer: Answer) -> (SocketAddr, JoinHandle<()>) {
+        let certified = rcgen::generate_simple_self_signed(vec!["bench.local".to_owned()]).unwrap();
+        let key =
+            rustls::pki_types::PrivateKeyDer::Pkcs8(certified.key_pair.serialize_der().into());
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![certified.cert.der().clone()], key)
+            .unwrap();
+        config.alpn_protocols = alpn.into_iter().map(<[u8]>::to_vec).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let serve = async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let (tcp, _) = listener.accept().await.unwrap();
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let handshake = h2::server::Builder::new().handshake::<_, &'static [u8]>(tls);
+                let Ok(mut connection) = handshake.await else {
+                    return;
+                };
+                while let Some(Ok((_request, mut respond))) = connection.accept().await {
+                    match answer {
+                        Answer::Status(status) => {
+                            let response =
+                                http::Response::builder().status(status).body(()).unwrap();
+                            let mut body = respond.send_response(response, false).unwrap();
+                            body.send_data(b"ok".as_slice(), true).unwrap();
+                        }
+                        Answer::Reset => respond.send_reset(h2::Reason::REFUSED_STREAM),
+                    }
+                }
+            };
+            runtime.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_secs(10), serve).await;
+            });
+        });
+        (addr, thread)
+    }
+
+    fn probe_h2(addr: SocketAddr) -> anyhow::Result<u16> {
+        probe(addr, "bench.local", Protocol::Http2, Duration::from_secs(5))
+    }
+
+    #[test]
+    fn h2_probe_reads_the_status() {
+        let (addr, server) = serve_one(Some(b"h2"), Answer::Status(200));
+        assert_eq!(probe_h2(addr).unwrap(), 200);
+        server.join().unwrap();
+        let (addr, server) = serve_one(Some(b"h2"), Answer::Status(503));
+        assert_eq!(probe_h2(addr).unwrap(), 503);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn h2_probe_names_a_reset_stream() {
+        let (addr, server) = serve_one(Some(b"h2"), Answer::Reset);
+        let err = probe_h2(addr).unwrap_err().to_string();
+        assert_eq!(err, format!("probe of {addr} failed: stream reset"));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn h2_probe_needs_alpn_h2() {
+        let (addr, server) = serve_one(None, Answer::Status(200));
+        let err = probe_h2(addr).unwrap_err().to_string();
+        assert_eq!(err, format!("probe of {addr} failed: alpn not h2"));
+        server.join().unwrap();
     }
 }

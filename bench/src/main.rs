@@ -86,6 +86,13 @@ struct RunArgs {
     /// Connections of the fixed-rate (open-loop) scenario.
     #[arg(long, default_value_t = 64)]
     fixed_rate_connections: usize,
+    /// Connections of the HTTPS HTTP/2 scenario.
+    #[arg(long, default_value_t = 4)]
+    h2_connections: usize,
+    /// Concurrent streams on each connection of the HTTPS HTTP/2 scenario. HAProxy allows
+    /// 100 by default (2.6) and nginx 128 (1.22).
+    #[arg(long, default_value_t = 16)]
+    h2_streams: usize,
     /// Requests per second of the fixed-rate scenario [default: half of nginx's median
     /// closed-loop HTTP/1.1 rate in the same run].
     #[arg(long)]
@@ -150,6 +157,9 @@ struct LoadArgs {
     rate: Option<f64>,
     #[arg(long, default_value_t = 32)]
     connections: usize,
+    /// Concurrent streams on each connection, with `--protocol h2`.
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
     /// Load-generator threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -200,6 +210,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         connections: args.connections,
         handshake_connections: args.handshake_connections,
         fixed_rate_connections: args.fixed_rate_connections,
+        h2_connections: args.h2_connections,
+        h2_streams: args.h2_streams,
         fixed_rate: args.fixed_rate,
         proxies: args.proxies,
         edge_bin: args.edge_bin,
@@ -238,6 +250,7 @@ fn load(args: &LoadArgs) -> anyhow::Result<()> {
         protocol: args.protocol,
         mode,
         connections: args.connections,
+        streams: args.streams,
         threads: args.threads,
         warmup: args.warmup,
         duration: args.duration,
@@ -257,8 +270,13 @@ fn load(args: &LoadArgs) -> anyhow::Result<()> {
 
 fn print_report(report: &LoadReport) {
     let latency = &report.latency_us;
+    let streams = if report.streams > 1 {
+        format!(" × {} streams", report.streams)
+    } else {
+        String::new()
+    };
     println!(
-        "{}, {}, {} connections, {:.1} s measured",
+        "{}, {}, {} connections{streams}, {:.1} s measured",
         report.protocol, report.mode, report.connections, report.measured_s
     );
     println!(

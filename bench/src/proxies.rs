@@ -1,6 +1,7 @@
 //! The proxies under test and their equivalent configurations: a host-based route for
 //! `bench.local` to the backend on plain HTTP and HTTPS, keep-alive to the backend, no access
-//! log, and the same number of workers.
+//! log, and the same number of workers. Every TLS listener offers HTTP/2 (ALPN `h2`) and
+//! HTTP/1.1, and every proxy talks HTTP/1.1 to the backend.
 
 use std::{
     fmt,
@@ -348,7 +349,8 @@ log:
     )
 }
 
-/// nginx configuration. Two defaults are raised to match the other proxies, which have no
+/// nginx configuration. HTTP/2 is enabled with `listen ... http2`, since the `http2` directive
+/// only exists from nginx 1.25.1 and Debian 12 ships 1.22. Two defaults are raised to match the other proxies, which have no
 /// per-connection request limit: `keepalive_requests` (1000 in nginx 1.22) for clients and
 /// for the backend. `Host` is passed through and `X-Forwarded-*` set, as the edge, Traefik
 /// and Caddy do by default.
@@ -385,14 +387,14 @@ http {{
 
     server {{
         listen 127.0.0.1:{http} default_server;
-        listen 127.0.0.1:{https} ssl default_server;
+        listen 127.0.0.1:{https} ssl http2 default_server;
         server_name _;
         return 404;
     }}
 
     server {{
         listen 127.0.0.1:{http};
-        listen 127.0.0.1:{https} ssl;
+        listen 127.0.0.1:{https} ssl http2;
         server_name {host};
         location / {{
             proxy_pass http://backend;
@@ -437,7 +439,7 @@ defaults
 
 frontend bench
     bind 127.0.0.1:{http}
-    bind 127.0.0.1:{https} ssl crt {combined} alpn http/1.1
+    bind 127.0.0.1:{https} ssl crt {combined} alpn h2,http/1.1
     http-request set-header X-Forwarded-Proto https if {{ ssl_fc }}
     use_backend app if {{ req.hdr(host) -i {host} }}
 
@@ -567,5 +569,68 @@ mod tests {
             value["apps"]["http"]["servers"]["tls"]["listen"][0],
             "127.0.0.1:2"
         );
+    }
+
+    fn test_common(cert: &CertFiles) -> Common<'_> {
+        Common {
+            dir: Path::new("/tmp"),
+            backend: "127.0.0.1:9000".parse().unwrap(),
+            cert,
+            workers: 1,
+            edge_pins_workers: true,
+        }
+    }
+
+    fn test_cert() -> CertFiles {
+        CertFiles {
+            cert_pem: PathBuf::from("/tmp/c.pem"),
+            key_pem: PathBuf::from("/tmp/k.pem"),
+            combined_pem: PathBuf::from("/tmp/ck.pem"),
+        }
+    }
+
+    const TEST_PORTS: Ports = Ports {
+        http: 1,
+        https: 2,
+        admin: 3,
+    };
+
+    #[test]
+    fn nginx_offers_http2_on_every_tls_listener_only() {
+        let cert = test_cert();
+        let config = nginx_config(Path::new("/tmp/n"), TEST_PORTS, &test_common(&cert));
+        let tls: Vec<&str> = config
+            .lines()
+            .filter(|l| l.contains("listen 127.0.0.1:2 "))
+            .collect();
+        assert_eq!(tls.len(), 2, "{config}");
+        assert!(tls.iter().all(|l| l.contains(" ssl http2")), "{tls:?}");
+        assert!(config
+            .lines()
+            .filter(|l| l.contains("listen 127.0.0.1:1"))
+            .all(|l| !l.contains("http2")));
+        // The backend stays on HTTP/1.1 keep-alive.
+        assert!(config.contains("proxy_http_version 1.1;"));
+    }
+
+    #[test]
+    fn haproxy_offers_h2_then_http1_on_tls() {
+        let cert = test_cert();
+        let config = haproxy_config(TEST_PORTS, &test_common(&cert));
+        let bind = config
+            .lines()
+            .find(|l| l.contains("bind 127.0.0.1:2 "))
+            .unwrap();
+        assert!(bind.trim_end().ends_with("alpn h2,http/1.1"), "{bind}");
+    }
+
+    #[test]
+    fn caddy_offers_h2_on_tls_only() {
+        let cert = test_cert();
+        let value: serde_json::Value =
+            serde_json::from_str(&caddy_config(TEST_PORTS, &test_common(&cert))).unwrap();
+        let servers = &value["apps"]["http"]["servers"];
+        assert_eq!(servers["tls"]["protocols"], serde_json::json!(["h1", "h2"]));
+        assert_eq!(servers["plain"]["protocols"], serde_json::json!(["h1"]));
     }
 }

@@ -79,8 +79,8 @@ fn render_facts(out: &mut String, results: &RunResults) {
         ],
         vec![
             "TLS".to_owned(),
-            "self-signed ECDSA P-256 certificate; client: rustls (ring), ALPN http/1.1, \
-             session resumption off, certificate chain not validated"
+            "self-signed ECDSA P-256 certificate; client: rustls (ring), ALPN http/1.1 \
+             (h2 only in the HTTP/2 scenario), session resumption off, certificate chain not validated"
                 .to_owned(),
         ],
         vec![
@@ -107,12 +107,16 @@ fn render_facts(out: &mut String, results: &RunResults) {
 
 fn render_closed_loop(out: &mut String, results: &RunResults, scenario: Scenario) {
     let connections = match scenario {
-        Scenario::TlsHandshake => results.settings.handshake_connections,
-        _ => results.settings.connections,
+        Scenario::TlsHandshake => format!("{} connections", results.settings.handshake_connections),
+        Scenario::TlsHttp2 => format!(
+            "{} connections × {} streams",
+            results.settings.h2_connections, results.settings.h2_streams
+        ),
+        _ => format!("{} connections", results.settings.connections),
     };
     let _ = writeln!(
         out,
-        "## {}, closed loop, {connections} connections\n",
+        "## {}, closed loop, {connections}\n",
         capitalize(scenario.label())
     );
     let mut rows = Vec::new();
@@ -331,12 +335,6 @@ fn render_targets(out: &mut String, results: &RunResults) {
         }
         .to_owned(),
     ]);
-    rows.push(vec![
-        "CPU per request, HTTPS HTTP/2".to_owned(),
-        "≥ 2 (nginx), ≥ 4 (Traefik)".to_owned(),
-        "–".to_owned(),
-        "not measured: no HTTP/2 yet".to_owned(),
-    ]);
     out.push_str(&render_table(&["check", "goal", "measured", "met"], &rows));
     out.push('\n');
 }
@@ -358,7 +356,11 @@ fn edge_checks(results: &RunResults) -> Vec<Check> {
     };
 
     let mut checks = Vec::new();
-    for scenario in [Scenario::KeepAlive, Scenario::TlsKeepAlive] {
+    for scenario in [
+        Scenario::KeepAlive,
+        Scenario::TlsKeepAlive,
+        Scenario::TlsHttp2,
+    ] {
         checks.push(Check {
             name: format!("CPU per request, {scenario}: nginx / edge"),
             goal: "≥ 2",
@@ -432,6 +434,13 @@ fn render_errors(out: &mut String, results: &RunResults) {
         }
     }
     for target in &results.targets {
+        if let Some(reason) = &target.h2_skipped {
+            lines.push(format!(
+                "- {} skipped {}: {reason}",
+                target.name,
+                Scenario::TlsHttp2
+            ));
+        }
         if let Some(reason) = &target.skipped {
             // The reason can contain the proxy's last log lines, so it becomes a code block.
             let block: Vec<String> = reason.lines().map(|l| format!("      {l}")).collect();
@@ -621,6 +630,7 @@ mod tests {
             program: format!("/usr/bin/{name}"),
             idle_rss_kib: Some(2048),
             skipped: None,
+            h2_skipped: None,
             idle_tls: None,
         };
         let cell = |name: &str, round: usize, rps: f64, cpu_us: Option<f64>| Cell {
@@ -631,6 +641,7 @@ mod tests {
                 protocol: Protocol::Http1,
                 mode: Mode::Closed,
                 connections: 32,
+                streams: 1,
                 measured_s: 2.0,
                 responses: (rps * 2.0) as u64,
                 requests_per_s: rps,
@@ -675,6 +686,8 @@ mod tests {
                 connections: 32,
                 handshake_connections: 8,
                 fixed_rate_connections: 64,
+                h2_connections: 4,
+                h2_streams: 16,
                 fixed_rate_per_s: 1000.0,
                 fixed_rate_basis: "set with --fixed-rate".to_owned(),
                 request_timeout_s: 2.0,
@@ -707,6 +720,27 @@ mod tests {
         assert!(markdown.contains("| nginx | 30,000 | 400 |"), "{markdown}");
         assert!(
             markdown.contains("![latency percentiles](l.svg)"),
+            "{markdown}"
+        );
+    }
+
+    #[test]
+    fn markdown_names_h2_streams_and_skip_reason() {
+        let mut results = sample_results();
+        results.targets[2].h2_skipped = Some("alpn not h2".to_owned());
+        let markdown = render_markdown(
+            &results,
+            &PlotFiles {
+                latency: "l.svg",
+                throughput: "t.svg",
+            },
+        );
+        assert!(
+            markdown.contains("## HTTPS HTTP/2, closed loop, 4 connections × 16 streams"),
+            "{markdown}"
+        );
+        assert!(
+            markdown.contains("- nginx skipped HTTPS HTTP/2: alpn not h2"),
             "{markdown}"
         );
     }

@@ -18,21 +18,25 @@ pub enum Scenario {
     TlsKeepAlive,
     /// A new TLS connection (full handshake) per request, closed loop.
     TlsHandshake,
+    /// HTTPS HTTP/2 keep-alive with many concurrent streams per connection, closed loop.
+    TlsHttp2,
     /// Plain HTTP/1.1 keep-alive at a fixed rate, open loop.
     FixedRate,
 }
 
 impl Scenario {
-    pub const CLOSED_LOOP: [Scenario; 3] = [
+    pub const CLOSED_LOOP: [Scenario; 4] = [
         Scenario::KeepAlive,
         Scenario::TlsKeepAlive,
         Scenario::TlsHandshake,
+        Scenario::TlsHttp2,
     ];
 
     pub fn protocol(self) -> Protocol {
         match self {
             Self::KeepAlive | Self::FixedRate => Protocol::Http1,
             Self::TlsKeepAlive | Self::TlsHandshake => Protocol::Http1Tls,
+            Self::TlsHttp2 => Protocol::Http2,
         }
     }
 
@@ -42,6 +46,7 @@ impl Scenario {
             Self::KeepAlive => "HTTP/1.1 keep-alive",
             Self::TlsKeepAlive => "HTTPS keep-alive",
             Self::TlsHandshake => "new TLS connection per request",
+            Self::TlsHttp2 => "HTTPS HTTP/2",
             Self::FixedRate => "HTTP/1.1 fixed rate",
         }
     }
@@ -74,6 +79,12 @@ pub struct Settings {
     pub connections: usize,
     pub handshake_connections: usize,
     pub fixed_rate_connections: usize,
+    /// Connections of the HTTP/2 scenario (0 in results from before it existed).
+    #[serde(default)]
+    pub h2_connections: usize,
+    /// Concurrent streams on each HTTP/2 connection.
+    #[serde(default)]
+    pub h2_streams: usize,
     pub fixed_rate_per_s: f64,
     /// Description of how the fixed rate was chosen.
     pub fixed_rate_basis: String,
@@ -91,6 +102,10 @@ pub struct TargetInfo {
     pub idle_rss_kib: Option<u64>,
     /// Reason the target was not measured.
     pub skipped: Option<String>,
+    /// Reason the HTTP/2 scenario was not measured, such as a proxy that does not select
+    /// `h2` in ALPN.
+    #[serde(default)]
+    pub h2_skipped: Option<String>,
     /// Memory of idle keep-alive TLS connections, measured before any load.
     pub idle_tls: Option<IdleTlsMemory>,
 }

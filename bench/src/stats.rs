@@ -32,6 +32,14 @@ pub enum ErrorKind {
     InvalidResponse,
     /// The response status was not 2xx.
     Status(u16),
+    /// HTTP/2: the server did not select `h2` in ALPN.
+    NoH2,
+    /// HTTP/2: the server reset the request's stream.
+    StreamReset,
+    /// HTTP/2: the server sent GOAWAY before the response was complete.
+    GoAway,
+    /// HTTP/2: any other HTTP/2 error, such as a protocol violation seen by the client.
+    H2Protocol,
     /// Open loop only: the request's intended send time passed while its connection was still
     /// busy, and the run ended before it could be sent.
     NotSent,
@@ -48,6 +56,10 @@ impl fmt::Display for ErrorKind {
             Self::ClosedEarly => f.write_str("closed early"),
             Self::InvalidResponse => f.write_str("invalid response"),
             Self::Status(code) => write!(f, "status {code}"),
+            Self::NoH2 => f.write_str("alpn not h2"),
+            Self::StreamReset => f.write_str("stream reset"),
+            Self::GoAway => f.write_str("goaway"),
+            Self::H2Protocol => f.write_str("h2 protocol"),
             Self::NotSent => f.write_str("not sent before end"),
         }
     }

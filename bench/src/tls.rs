@@ -46,12 +46,12 @@ pub fn write_self_signed(dir: &Path, names: &[&str]) -> anyhow::Result<CertFiles
 
 /// Builds the load generator's client configuration. It offers TLS 1.2 and 1.3 with the ring
 /// provider, and key exchange groups in the order browsers, curl and OpenSSL use (X25519,
-/// P-256, P-384). ALPN is `http/1.1`. Session resumption is off, so every new connection is a
-/// full handshake. The certificate chain is not validated, but handshake signatures are.
+/// P-256, P-384). ALPN offers `alpn` only. Session resumption is off, so every new connection
+/// is a full handshake. The certificate chain is not validated, but handshake signatures are.
 ///
 /// # Errors
 /// Fails when the provider rejects the protocol versions.
-pub fn client_config() -> anyhow::Result<Arc<rustls::ClientConfig>> {
+pub fn client_config(alpn: &[u8]) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     // NOTE: rustls 0.23.48 lists P-384 first in ring's default groups and sends its key
     // share first. Left that way, every handshake would use P-384, which is much slower in
     // ring than X25519, and which no common client prefers.
@@ -69,7 +69,7 @@ pub fn client_config() -> anyhow::Result<Arc<rustls::ClientConfig>> {
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
