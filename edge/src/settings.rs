@@ -66,6 +66,9 @@ pub struct RunArgs {
         default_value = "0.0.0.0:443"
     )]
     pub https_addr: SocketAddr,
+    /// Serve HTTP/3 (QUIC) on the HTTPS address's UDP port and advertise it with Alt-Svc.
+    #[arg(long, global = true, env = "EDGE_HTTP3", default_value_t = true, action = clap::ArgAction::Set)]
+    pub http3: bool,
     /// Admin listener address serving the edge's own /health and /metrics.
     #[arg(
         long,
@@ -206,6 +209,8 @@ pub struct Settings {
     pub h2_max_concurrent_streams: u32,
     /// Port in the `Location` of HTTP-to-HTTPS redirects; 443 is left out of the URL.
     pub https_port: u16,
+    /// The `Alt-Svc` value advertising HTTP/3 on HTTPS responses; `None` when HTTP/3 is off.
+    pub alt_svc: Option<http::HeaderValue>,
 }
 
 impl Settings {
@@ -237,6 +242,10 @@ impl Settings {
                 .then_some(args.max_request_body_bytes),
             h2_max_concurrent_streams: args.h2_max_concurrent_streams.max(1),
             https_port,
+            alt_svc: args
+                .http3
+                .then(|| format!("h3=\":{https_port}\"; ma=86400"))
+                .and_then(|v| http::HeaderValue::from_str(&v).ok()),
         }
     }
 
