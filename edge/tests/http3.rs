@@ -289,3 +289,63 @@ fn alt_svc_follows_http3_flag() {
         "Alt-Svc with HTTP/3 off:\n{out}"
     );
 }
+
+/// Returns the Python that has aioquic, from `EDGE_AIOQUIC_PYTHON` (set by `cargo xtask test`),
+/// or `None` to skip when it is unset and `EDGE_E2E_AIOQUIC` is not `1`.
+fn aioquic_python() -> Option<String> {
+    match std::env::var("EDGE_AIOQUIC_PYTHON") {
+        Ok(python) if !python.is_empty() => Some(python),
+        _ => {
+            assert_ne!(
+                std::env::var("EDGE_E2E_AIOQUIC").as_deref(),
+                Ok("1"),
+                "EDGE_E2E_AIOQUIC=1 but EDGE_AIOQUIC_PYTHON is not set"
+            );
+            eprintln!("skipping: set EDGE_AIOQUIC_PYTHON to a Python with aioquic installed");
+            None
+        }
+    }
+}
+
+/// Runs the aioquic client; returns its exit code and output (status line, then body).
+fn aioquic_get(python: &str, edge: &Edge, sni: &str, authority: &str) -> (i32, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/aioquic_get.py");
+    let output = std::process::Command::new(python)
+        .arg(script)
+        .args([
+            "127.0.0.1",
+            &edge.https.port().to_string(),
+            sni,
+            authority,
+            "/hello",
+        ])
+        .arg(edge.dir.join("ca.pem"))
+        .output()
+        .expect("the aioquic Python must run");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn aioquic_client_two_names() {
+    let Some(python) = aioquic_python() else {
+        return;
+    };
+    let backend = Backend::start("b");
+    let (edge, _pki) = h3_edge("h3-aioquic", &backend, &[]);
+    for host in ["a.test", "b.test"] {
+        let (code, out) = aioquic_get(&python, &edge, host, host);
+        assert_eq!(code, 0, "aioquic failed for {host}: {out}");
+        assert_eq!(out, "200\nb /hello 0", "response for {host}");
+    }
+
+    let (code, out) = aioquic_get(&python, &edge, "a.test", "nowhere.test");
+    assert_eq!(code, 0, "aioquic failed: {out}");
+    assert!(out.starts_with("404\n"), "{out}");
+
+    // No certificate for c.test at the edge: the default one fails verification.
+    let (code, _) = aioquic_get(&python, &edge, "c.test", "c.test");
+    assert_ne!(code, 0);
+}
