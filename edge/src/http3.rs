@@ -17,8 +17,9 @@
 
 use std::{
     cell::{Cell, RefCell},
+    collections::HashMap,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     rc::Rc,
     sync::Arc,
     thread::JoinHandle,
@@ -239,19 +240,38 @@ async fn quic_main(
     info!(worker = id, port = local_port, "HTTP/3 endpoint started");
 
     let mut tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    let mut ticks: u32 = 0;
+    // Connection attempts per source address in the current one-second window.
+    // NOTE: spoofed sources can grow this map for up to a second; the XDP filter's per-source
+    // limit on QUIC Initials is the first defence.
+    let mut attempts: HashMap<IpAddr, u32> = HashMap::new();
     loop {
         tokio::select! {
             _ = &mut stop => break,
-            _ = tick.tick() => ctx.access_log.borrow_mut().flush(),
+            _ = tick.tick() => {
+                ctx.access_log.borrow_mut().flush();
+                ticks = ticks.wrapping_add(1);
+                if ticks.is_multiple_of(10) {
+                    attempts.clear();
+                }
+            }
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 let open = endpoint.open_connections();
+                let from_source = attempts.entry(incoming.remote_address().ip()).or_insert(0);
+                *from_source = from_source.saturating_add(1);
+                let busy_source = *from_source > settings.http3_retry_after;
                 if open >= MAX_CONNECTIONS {
                     debug!(worker = id, peer = %incoming.remote_address(), "too many QUIC connections, rejecting a new one");
                     incoming.refuse();
-                } else if open >= RETRY_ABOVE_CONNECTIONS && !incoming.remote_address_validated() {
-                    // Under load, a client must echo a Retry token before it costs a handshake.
-                    let _ = incoming.retry();
+                } else if (open >= RETRY_ABOVE_CONNECTIONS || busy_source)
+                    && !incoming.remote_address_validated()
+                {
+                    // The client must echo a Retry token before it costs a handshake.
+                    bump(&ctx.metrics().quic_retries);
+                    if let Err(e) = incoming.retry() {
+                        debug!(worker = id, error = %e, "sending a QUIC Retry failed");
+                    }
                 } else {
                     tokio::task::spawn_local(serve_connection(ctx.clone(), incoming));
                 }

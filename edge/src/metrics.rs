@@ -89,6 +89,8 @@ pub struct WorkerMetrics {
     pub connections_total: AtomicU64,
     pub tls_handshakes: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
+    /// QUIC connection attempts answered with a Retry (address validation).
+    pub quic_retries: AtomicU64,
     upstream_errors: [AtomicU64; 5],
     h2_connections: AtomicU64,
     h2_abuse_closed: AtomicU64,
@@ -231,6 +233,12 @@ pub fn render(shared: &Shared) -> String {
             "counter",
             "Failed or timed-out TLS handshakes.",
             sum(&|m| m.tls_handshake_failures.load(Relaxed)),
+        ),
+        (
+            "edge_quic_retries_total",
+            "counter",
+            "QUIC connection attempts sent a Retry to validate the client's address.",
+            sum(&|m| m.quic_retries.load(Relaxed)),
         ),
         (
             "edge_h2_connections_total",

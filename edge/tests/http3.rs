@@ -183,6 +183,8 @@ fn h3_two_names_two_certificates() {
     assert_eq!(seen.header("host"), Some("b.test"));
     assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
     edge.expect_metric("edge_requests_total{route=\"a\",code=\"2xx\",protocol=\"h3\"} 1\n");
+    // Two attempts stay under the default per-source limit, so no Retry is sent.
+    edge.expect_metric("edge_quic_retries_total 0\n");
     let mut h3_lines = 0;
     for _ in 0..100 {
         h3_lines = edge
@@ -348,4 +350,17 @@ fn aioquic_client_two_names() {
     // No certificate for c.test at the edge: the default one fails verification.
     let (code, _) = aioquic_get(&python, &edge, "c.test", "c.test");
     assert_ne!(code, 0);
+}
+
+#[test]
+fn retry_validates_busy_source() {
+    let backend = Backend::start("b");
+    // With a limit of 0 every connection attempt must first pass a Retry round trip.
+    let (edge, pki) = h3_edge("h3-retry", &backend, &["--http3-retry-after", "0"]);
+    for round in 0..20 {
+        let response = h3_get(edge.https, &pki, "a.test", "a.test", "/hello").unwrap();
+        assert_eq!(response.status, 200, "status in round {round}");
+    }
+    edge.expect_metric("edge_quic_retries_total 20\n");
+    edge.expect_metric("edge_requests_total{route=\"a\",code=\"2xx\",protocol=\"h3\"} 20\n");
 }
