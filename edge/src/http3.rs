@@ -100,8 +100,12 @@ fn fill_random(buf: &mut [u8]) {
         // only writes to.
         let n =
             unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
         if n <= 0 {
-            // getrandom fails only on bad arguments, so this exit only keeps the loop finite.
+            // NOTE: the rest of the ID stays zero. Without flags, getrandom(2) fails otherwise
+            // only on invalid arguments.
             break;
         }
         filled += n as usize;
