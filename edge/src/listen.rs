@@ -96,6 +96,28 @@ fn ensure_unused(addr: SocketAddr) -> Result<(), ListenError> {
     // detected; the window is a few microseconds at start.
 }
 
+/// Binds `count` UDP sockets to `addr` (a port already chosen), all with SO_REUSEPORT, for the
+/// QUIC endpoints.
+///
+/// # Errors
+/// [`ListenError::Bind`] when a socket cannot be bound.
+// NOTE: unlike TCP there is no guard against a stale process sharing the UDP port.
+pub fn bind_udp_reuseport(
+    addr: SocketAddr,
+    count: usize,
+) -> Result<Vec<std::net::UdpSocket>, ListenError> {
+    let bind = || -> io::Result<std::net::UdpSocket> {
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        Ok(socket.into())
+    };
+    (0..count.max(1))
+        .map(|_| bind().map_err(|error| ListenError::Bind { addr, error }))
+        .collect()
+}
+
 fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;

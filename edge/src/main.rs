@@ -8,6 +8,7 @@ mod demo;
 mod forward;
 mod http1;
 mod http2;
+mod http3;
 mod io;
 mod listen;
 mod logging;
@@ -122,6 +123,11 @@ fn run(args: RunArgs, fixed_snapshot: Option<Snapshot>) -> anyhow::Result<()> {
     let http = listen::bind_reuseport(args.http_addr, workers)?;
     let https_addr = https[0].local_addr()?;
     let http_addr = http[0].local_addr()?;
+    let quic = if args.http3 {
+        listen::bind_udp_reuseport(https_addr, workers)?
+    } else {
+        Vec::new()
+    };
     let admin = std::net::TcpListener::bind(args.admin_addr)
         .with_context(|| format!("cannot listen on the admin address {}", args.admin_addr))?;
     let admin_addr = admin.local_addr()?;
@@ -224,6 +230,11 @@ fn run(args: RunArgs, fixed_snapshot: Option<Snapshot>) -> anyhow::Result<()> {
             WorkerListeners { http, https },
             stop_rx,
         )?);
+    }
+    for (id, socket) in quic.into_iter().enumerate() {
+        let (stop_tx, stop_rx) = futures_channel::oneshot::channel();
+        stops.push(stop_tx);
+        handles.push(http3::spawn(id, shared.clone(), socket, stop_rx)?);
     }
     {
         let shared = shared.clone();

@@ -64,16 +64,18 @@ impl UpstreamErrorKind {
 pub enum Protocol {
     Http1,
     Http2,
+    Http3,
 }
 
 impl Protocol {
-    const ALL: [Protocol; 2] = [Protocol::Http1, Protocol::Http2];
+    const ALL: [Protocol; 3] = [Protocol::Http1, Protocol::Http2, Protocol::Http3];
 
     /// Returns the ALPN name of the protocol.
     pub fn label(self) -> &'static str {
         match self {
             Protocol::Http1 => "http/1.1",
             Protocol::Http2 => "h2",
+            Protocol::Http3 => "h3",
         }
     }
 }
@@ -87,6 +89,8 @@ pub struct WorkerMetrics {
     pub connections_total: AtomicU64,
     pub tls_handshakes: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
+    /// QUIC connection attempts answered with a Retry (address validation).
+    pub quic_retries: AtomicU64,
     upstream_errors: [AtomicU64; 5],
     h2_connections: AtomicU64,
     h2_abuse_closed: AtomicU64,
@@ -134,7 +138,7 @@ pub struct RouteStats {
 /// Counters indexed by protocol, then status class.
 #[derive(Debug, Default)]
 #[repr(align(64))]
-struct StatusCounters([[AtomicU64; 5]; 2]);
+struct StatusCounters([[AtomicU64; 5]; 3]);
 
 impl RouteStats {
     pub fn new(workers: usize) -> Self {
@@ -231,6 +235,12 @@ pub fn render(shared: &Shared) -> String {
             sum(&|m| m.tls_handshake_failures.load(Relaxed)),
         ),
         (
+            "edge_quic_retries_total",
+            "counter",
+            "QUIC connection attempts sent a Retry to validate the client's address.",
+            sum(&|m| m.quic_retries.load(Relaxed)),
+        ),
+        (
             "edge_h2_connections_total",
             "counter",
             "Client connections that completed the HTTP/2 handshake.",
@@ -275,7 +285,13 @@ pub fn render(shared: &Shared) -> String {
     );
     let compiled = shared.current.load();
     let help = "Version of the routes snapshot being served.";
-    write_metric(&mut out, "edge_config_version", "gauge", help, compiled.version);
+    write_metric(
+        &mut out,
+        "edge_config_version",
+        "gauge",
+        help,
+        compiled.version,
+    );
     shared.kernel.render_metrics(&mut out);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -66,6 +66,9 @@ pub struct RunArgs {
         default_value = "0.0.0.0:443"
     )]
     pub https_addr: SocketAddr,
+    /// Serve HTTP/3 (QUIC) on the HTTPS address's UDP port and advertise it with Alt-Svc.
+    #[arg(long, global = true, env = "EDGE_HTTP3", default_value_t = true, action = clap::ArgAction::Set)]
+    pub http3: bool,
     /// Admin listener address serving the edge's own /health and /metrics.
     #[arg(
         long,
@@ -178,6 +181,15 @@ pub struct RunArgs {
         default_value_t = 100
     )]
     pub h2_max_concurrent_streams: u32,
+    /// QUIC connection attempts per second from one address after which further ones must
+    /// pass address validation (a Retry round trip); 0 validates every attempt.
+    #[arg(
+        long,
+        global = true,
+        env = "EDGE_HTTP3_RETRY_AFTER",
+        default_value_t = 16
+    )]
+    pub http3_retry_after: u32,
     /// Interval between checks of the routes file for changes.
     #[arg(long, global = true, env = "EDGE_RELOAD_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub reload_interval: Duration,
@@ -204,8 +216,12 @@ pub struct Settings {
     pub max_header_bytes: usize,
     pub max_request_body_bytes: Option<u64>,
     pub h2_max_concurrent_streams: u32,
+    /// QUIC connection attempts per second per source before Retry is required.
+    pub http3_retry_after: u32,
     /// Port in the `Location` of HTTP-to-HTTPS redirects; 443 is left out of the URL.
     pub https_port: u16,
+    /// The `Alt-Svc` value advertising HTTP/3 on HTTPS responses; `None` when HTTP/3 is off.
+    pub alt_svc: Option<http::HeaderValue>,
 }
 
 impl Settings {
@@ -236,7 +252,12 @@ impl Settings {
             max_request_body_bytes: (args.max_request_body_bytes > 0)
                 .then_some(args.max_request_body_bytes),
             h2_max_concurrent_streams: args.h2_max_concurrent_streams.max(1),
+            http3_retry_after: args.http3_retry_after,
             https_port,
+            alt_svc: args
+                .http3
+                .then(|| format!("h3=\":{https_port}\"; ma=86400"))
+                .and_then(|v| http::HeaderValue::from_str(&v).ok()),
         }
     }
 

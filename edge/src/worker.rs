@@ -114,7 +114,7 @@ impl WorkerCtx {
 pub struct RequestId([u8; 16]);
 
 impl RequestId {
-    fn new(value: u64) -> Self {
+    pub(crate) fn new(value: u64) -> Self {
         let mut out = [0u8; 16];
         for (i, byte) in out.iter_mut().enumerate() {
             let nibble = (value >> ((15 - i) * 4)) & 0xf;

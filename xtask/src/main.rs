@@ -28,6 +28,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("pebble", "pebble"),
 ];
 
+/// aioquic from PyPI: the independent HTTP/3 client of the tests, pinned to the version the
+/// tests were written against.
+const AIOQUIC: &str = "aioquic==1.7.2";
+
 /// Debian packages that build the eBPF programs: the compiler and libbpf's headers
 /// (`bpf/bpf_helpers.h`), checked by file because libbpf-dev has no command.
 const BPF_PACKAGES: &[(&str, &str)] = &[
@@ -68,6 +72,7 @@ fn test() -> anyhow::Result<()> {
     let root = workspace_root();
     install_packages(TEST_PACKAGES)?;
     install_bpf_packages()?;
+    let aioquic_python = install_aioquic(&root)?;
     tidy::check(&root)?;
     // The end-to-end tests start the edge and agent binaries themselves. EDGE_BPF_REQUIRED
     // makes the edge's build script fail rather than leave the eBPF object out.
@@ -85,6 +90,8 @@ fn test() -> anyhow::Result<()> {
         .env("EDGE_E2E_BPF", "1")
         .env("EDGE_E2E_DOCKER", "1")
         .env("EDGE_E2E_PEBBLE", "1")
+        .env("EDGE_E2E_AIOQUIC", "1")
+        .env("EDGE_AIOQUIC_PYTHON", &aioquic_python)
         .env("DOCKER_HOST", docker::docker_host())
         .env("EDGE_E2E_DOCKERD_ARGS", docker::dockerd_args().join(" "))
         .env("EDGE_E2E_DOCKERD_LOG", &log));
@@ -114,6 +121,33 @@ fn install_bpf_packages() -> anyhow::Result<()> {
         .map(|(_, package)| *package)
         .collect();
     apt_install(&missing)
+}
+
+/// Creates a Python virtual environment under `target/` with aioquic and returns its
+/// interpreter. Debian's `python3 -m venv` needs the python3-venv package, installed when the
+/// first attempt fails.
+fn install_aioquic(root: &Path) -> anyhow::Result<PathBuf> {
+    let venv = root.join("target").join("aioquic-venv");
+    let python = venv.join("bin").join("python");
+    let has_aioquic = Command::new(&python)
+        .args(["-c", "import aioquic"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if has_aioquic {
+        return Ok(python);
+    }
+    if run(Command::new("python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv))
+    .is_err()
+    {
+        apt_install(&["python3-venv"])?;
+        run(Command::new("python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv))?;
+    }
+    run(Command::new(&python).args(["-m", "pip", "install", "--quiet", AIOQUIC]))?;
+    Ok(python)
 }
 
 /// Returns whether the eBPF programs can be built here.

@@ -326,6 +326,7 @@ where
                 method: method.as_bytes(),
                 request_id,
                 client_ip,
+                tls: info.is_tls(),
             };
             let span = tracing::debug_span!(
                 "request",
@@ -386,6 +387,8 @@ struct Request<'a> {
     method: &'a [u8],
     request_id: RequestId,
     client_ip: IpAddr,
+    /// The request came over TLS, so HTTP/3 may be advertised.
+    tls: bool,
 }
 
 impl Request<'_> {
@@ -821,6 +824,9 @@ where
         out.extend_from_slice(b"Connection: close\r\n");
     } else if !client_http11 {
         out.extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    if let Some(alt_svc) = settings.alt_svc.as_ref().filter(|_| req.tls && !switching) {
+        push_field(out, b"Alt-Svc", alt_svc.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
     let head_len = out.len() as u64;

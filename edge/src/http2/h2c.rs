@@ -293,6 +293,9 @@ async fn relay_response(
             head.headers_mut().append(name.clone(), value.clone());
         }
     }
+    if let Some(alt_svc) = &ctx.shared.settings.alt_svc {
+        head.headers_mut().insert(header::ALT_SVC, alt_svc.clone());
+    }
     let trailers_only = body.is_end_stream();
     let Some(mut send) = send_head(&mut respond, head, trailers_only) else {
         return Outcome {

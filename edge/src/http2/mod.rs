@@ -6,7 +6,7 @@ pub mod client;
 mod conn;
 pub mod guard;
 mod h2c;
-mod stream;
+pub(crate) mod stream;
 mod to_http1;
 
 pub use conn::serve;

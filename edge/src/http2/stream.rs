@@ -41,13 +41,13 @@ impl Drop for StreamDone {
 }
 
 /// The request as the rule matchers see it.
-struct View<'a> {
-    host: &'a str,
-    path: &'a str,
-    query: &'a str,
-    method: &'a str,
-    headers: &'a HeaderMap,
-    client_ip: IpAddr,
+pub(crate) struct View<'a> {
+    pub host: &'a str,
+    pub path: &'a str,
+    pub query: &'a str,
+    pub method: &'a str,
+    pub headers: &'a HeaderMap,
+    pub client_ip: IpAddr,
 }
 
 impl RequestView for View<'_> {

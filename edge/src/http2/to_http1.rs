@@ -450,7 +450,12 @@ async fn relay_response(
             }
         }
     }
-    let response = response.body(()).unwrap_or_default();
+    let mut response = response.body(()).unwrap_or_default();
+    if let Some(alt_svc) = &ctx.shared.settings.alt_svc {
+        response
+            .headers_mut()
+            .insert(header::ALT_SVC, alt_svc.clone());
+    }
     let head_len = rhead.head_len;
     upbuf.consume(head_len);
     let no_body = framing == BodyFraming::Empty;

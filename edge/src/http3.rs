@@ -1,0 +1,766 @@
+//! HTTP/3 front end: one QUIC endpoint per worker on the HTTPS address (UDP), serving requests
+//! with the same router, backends, access log and metrics as HTTP/1.1 and HTTP/2.
+//!
+//! ```text
+//! worker N (monoio, TCP)      edge-quic-N (tokio current-thread, same core)
+//!                             ├─ quinn endpoint on a SO_REUSEPORT UDP socket
+//!                             │    └─ connection task ─> request tasks ─> route
+//!                             │         ├─ no route / bad request ─> local response
+//!                             │         └─ backend over HTTP/1.1 (tokio + hyper)
+//!                             └─ housekeeping (access log flush)
+//! ```
+//!
+//! quinn needs `Send + Sync` socket and timer types, which monoio's are not, so each worker
+//! gets a second thread with a tokio current-thread runtime, pinned to the same core. The
+//! worker's monoio upstream pools cannot be used from that thread; HTTP/3 requests open their
+//! own backend connections.
+
+use std::{
+    cell::{Cell, RefCell},
+    collections::HashMap,
+    io,
+    net::{IpAddr, SocketAddr},
+    rc::Rc,
+    sync::Arc,
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use arc_swap::{cache::Cache, ArcSwap};
+use bytes::{Buf, Bytes};
+use h3::server::RequestStream;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use quinn::{
+    crypto::rustls::QuicServerConfig, ConnectionIdGenerator, EndpointConfig, TransportConfig,
+    VarInt,
+};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::{
+    access_log::{AccessLog, Record},
+    forward::{forwarded_fields, local_response_text, normalize_host, routing_path, ForwardInfo},
+    http1::head::is_hop_by_hop,
+    http2::stream::View,
+    metrics::{bump, Protocol, UpstreamErrorKind},
+    settings::canonical_ip,
+    state::{Compiled, EntryPoint, Shared},
+    tls::{self, SniResolver},
+    upstream::{Pick, Upstreams},
+    worker::RequestId,
+};
+
+/// Length of the connection IDs the edge issues: one byte of worker id, seven random.
+const CID_LEN: usize = 8;
+/// Open connections per worker above which new clients must prove their address (Retry).
+const RETRY_ABOVE_CONNECTIONS: usize = 1024;
+/// Open connections per worker above which new clients are rejected.
+const MAX_CONNECTIONS: usize = 16 * 1024;
+/// Unidirectional streams a client may open: control, QPACK encoder and decoder, and a few
+/// reserved (grease) ones.
+const MAX_UNI_STREAMS: u32 = 8;
+/// Interval of the access log flush.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(100);
+/// Request bodies over HTTP/3 are capped at this size when no limit is configured.
+const DEFAULT_BODY_LIMIT: u64 = 1 << 30;
+
+type RecvHalf = RequestStream<h3_quinn::RecvStream, Bytes>;
+type SendHalf = RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+type UpstreamBody = UnsyncBoxBody<Bytes, io::Error>;
+
+/// Issues connection IDs whose first byte is the worker id, so that a packet steering program
+/// can send every packet of a connection to the worker that owns it.
+struct WorkerCids {
+    worker: u8,
+}
+
+impl ConnectionIdGenerator for WorkerCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut bytes = [0u8; CID_LEN];
+        bytes[0] = self.worker;
+        fill_random(&mut bytes[1..]);
+        quinn::ConnectionId::new(&bytes)
+    }
+
+    fn cid_len(&self) -> usize {
+        CID_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// Fills `buf` from the kernel's random source.
+fn fill_random(buf: &mut [u8]) {
+    let mut filled = 0;
+    while filled < buf.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of `buf`, which getrandom
+        // only writes to.
+        let n =
+            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        if n <= 0 {
+            // NOTE: the rest of the ID stays zero. Without flags, getrandom(2) fails otherwise
+            // only on invalid arguments.
+            break;
+        }
+        filled += n as usize;
+    }
+}
+
+/// Returns the worker id a connection ID issued by this edge carries.
+#[cfg(test)]
+fn worker_of_cid(cid: &[u8]) -> Option<u8> {
+    (cid.len() == CID_LEN).then(|| cid[0])
+}
+
+/// State of one QUIC thread.
+struct H3Ctx {
+    id: usize,
+    shared: Arc<Shared>,
+    snapshot: RefCell<Cache<Arc<ArcSwap<Compiled>>, Arc<Compiled>>>,
+    upstreams: Rc<Upstreams>,
+    access_log: RefCell<AccessLog>,
+    next_conn: Cell<u64>,
+    next_request: Cell<u64>,
+    local_port: u16,
+}
+
+impl H3Ctx {
+    fn snapshot(&self) -> Arc<Compiled> {
+        self.snapshot.borrow_mut().load().clone()
+    }
+
+    fn metrics(&self) -> &crate::metrics::WorkerMetrics {
+        &self.shared.metrics[self.id]
+    }
+
+    /// Ids share the worker's layout (worker id in the top 16 bits) with bit 47 set, so they
+    /// never collide with the TCP ids of the same worker.
+    fn next_id(counter: &Cell<u64>, worker: usize) -> u64 {
+        let n = counter.get().wrapping_add(1);
+        counter.set(n);
+        ((worker as u64) << 48) | (1 << 47) | (n & 0x7fff_ffff_ffff)
+    }
+}
+
+/// Starts the QUIC thread of worker `id` on `socket`. The thread returns after `stop` fires
+/// and its connections have finished or the shutdown grace period has passed.
+///
+/// # Errors
+/// Fails when the thread cannot be spawned.
+pub fn spawn(
+    id: usize,
+    shared: Arc<Shared>,
+    socket: std::net::UdpSocket,
+    stop: futures_channel::oneshot::Receiver<()>,
+) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("edge-quic-{id}"))
+        .spawn(move || {
+            if shared.settings.pin_workers {
+                let allowed = crate::worker::allowed_cpus();
+                if let Some(&cpu) = allowed.get(id % allowed.len().max(1)) {
+                    if let Err(e) = monoio::utils::bind_to_cpu_set(Some(cpu)) {
+                        warn!(worker = id, cpu, error = %e, "cannot pin the QUIC thread to a core");
+                    }
+                }
+            }
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    warn!(worker = id, error = %e, "cannot start the QUIC runtime; HTTP/3 is off on this worker");
+                    return;
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            if let Err(e) = local.block_on(&runtime, quic_main(id, shared, socket, stop)) {
+                warn!(worker = id, error = %e, "HTTP/3 endpoint failed; HTTP/3 is off on this worker");
+            }
+        })
+}
+
+/// Builds the QUIC server settings: the TCP listener's certificates (chosen by SNI), ALPN
+/// `h3`, no 0-RTT, no migration, and stream limits.
+fn server_config(shared: &Shared) -> io::Result<quinn::ServerConfig> {
+    let resolver = Arc::new(SniResolver::new(shared.current.clone()));
+    let mut tls = tls::server_config(resolver, shared.ticketer.clone())
+        .map_err(|e| io::Error::other(format!("invalid TLS settings: {e}")))?;
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    // 0-RTT stays off: early data could be replayed.
+    tls.max_early_data_size = 0;
+    let crypto = QuicServerConfig::try_from(tls)
+        .map_err(|e| io::Error::other(format!("TLS settings unusable for QUIC: {e}")))?;
+    let settings = &shared.settings;
+    let mut transport = TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(VarInt::from_u32(settings.h2_max_concurrent_streams))
+        .max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS))
+        .max_idle_timeout(settings.keep_alive_timeout.try_into().ok());
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport));
+    // NOTE: migration stays off until the eBPF steering routes on connection IDs, because a
+    // client that changes address would otherwise land on another worker's socket.
+    config.migration(false);
+    Ok(config)
+}
+
+async fn quic_main(
+    id: usize,
+    shared: Arc<Shared>,
+    socket: std::net::UdpSocket,
+    mut stop: futures_channel::oneshot::Receiver<()>,
+) -> io::Result<()> {
+    let local_port = socket.local_addr()?.port();
+    let mut endpoint_config = EndpointConfig::default();
+    let worker =
+        u8::try_from(id).map_err(|_| io::Error::other("HTTP/3 supports at most 256 workers"))?;
+    endpoint_config.cid_generator(move || Box::new(WorkerCids { worker }));
+    let endpoint = quinn::Endpoint::new(
+        endpoint_config,
+        Some(server_config(&shared)?),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+
+    let settings = &shared.settings;
+    let ctx = Rc::new(H3Ctx {
+        id,
+        snapshot: RefCell::new(Cache::new(shared.current.clone())),
+        upstreams: Rc::new(Upstreams::new(0, settings.upstream_idle_timeout)),
+        access_log: RefCell::new(AccessLog::new(settings.access_log, settings.log_format)),
+        next_conn: Cell::new(0),
+        next_request: Cell::new(0),
+        local_port,
+        shared: shared.clone(),
+    });
+    info!(worker = id, port = local_port, "HTTP/3 endpoint started");
+
+    let mut tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    let mut ticks: u32 = 0;
+    // Connection attempts per source address in the current one-second window.
+    // NOTE: spoofed sources can grow this map for up to a second; the XDP filter's per-source
+    // limit on QUIC Initials is the first defence.
+    let mut attempts: HashMap<IpAddr, u32> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {
+                ctx.access_log.borrow_mut().flush();
+                ticks = ticks.wrapping_add(1);
+                if ticks.is_multiple_of(10) {
+                    attempts.clear();
+                }
+            }
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let open = endpoint.open_connections();
+                let from_source = attempts.entry(incoming.remote_address().ip()).or_insert(0);
+                *from_source = from_source.saturating_add(1);
+                let busy_source = *from_source > settings.http3_retry_after;
+                if open >= MAX_CONNECTIONS {
+                    debug!(worker = id, peer = %incoming.remote_address(), "too many QUIC connections, rejecting a new one");
+                    incoming.refuse();
+                } else if (open >= RETRY_ABOVE_CONNECTIONS || busy_source)
+                    && !incoming.remote_address_validated()
+                {
+                    // The client must echo a Retry token before it costs a handshake.
+                    bump(&ctx.metrics().quic_retries);
+                    if let Err(e) = incoming.retry() {
+                        debug!(worker = id, error = %e, "sending a QUIC Retry failed");
+                    }
+                } else {
+                    tokio::task::spawn_local(serve_connection(ctx.clone(), incoming));
+                }
+            }
+        }
+    }
+
+    // Stop accepting, and let open connections finish within the grace period.
+    endpoint.set_server_config(None);
+    let deadline = Instant::now() + settings.shutdown_grace;
+    while endpoint.open_connections() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    endpoint.close(VarInt::from_u32(0), b"shutting down");
+    ctx.access_log.borrow_mut().flush();
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    info!(worker = id, "HTTP/3 endpoint stopped");
+    Ok(())
+}
+
+/// Counts an HTTPS connection as open for as long as it lives.
+struct OpenConn(Rc<H3Ctx>);
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.metrics().connection_closed(true);
+    }
+}
+
+async fn serve_connection(ctx: Rc<H3Ctx>, incoming: quinn::Incoming) {
+    let peer = incoming.remote_address();
+    let conn_id = H3Ctx::next_id(&ctx.next_conn, ctx.id);
+    let span =
+        tracing::debug_span!("conn", conn_id, core = ctx.id, peer.addr = %peer, proto = "h3");
+    async move {
+        let conn = match incoming.await {
+            Ok(conn) => conn,
+            Err(e) => {
+                bump(&ctx.metrics().tls_handshake_failures);
+                debug!(error = %e, "QUIC handshake failed");
+                return;
+            }
+        };
+        bump(&ctx.metrics().tls_handshakes);
+        ctx.metrics().connection_opened(true);
+        let _open = OpenConn(ctx.clone());
+        let built = h3::server::builder()
+            .max_field_section_size(ctx.shared.settings.max_header_bytes as u64)
+            .build::<_, Bytes>(h3_quinn::Connection::new(conn))
+            .await;
+        let mut h3_conn = match built {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(error = %e, "HTTP/3 connection setup failed");
+                return;
+            }
+        };
+        loop {
+            match h3_conn.accept().await {
+                Ok(Some(resolver)) => {
+                    let ctx = ctx.clone();
+                    tokio::task::spawn_local(
+                        async move {
+                            match resolver.resolve_request().await {
+                                Ok((request, stream)) => {
+                                    serve_request(ctx, peer, conn_id, request, stream).await;
+                                }
+                                Err(e) => debug!(error = %e, "invalid HTTP/3 request"),
+                            }
+                        }
+                        .in_current_span(),
+                    );
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(error = %e, "HTTP/3 connection ended");
+                    break;
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// The outcome of one request, for the access log and metrics.
+struct Outcome {
+    status: u16,
+    bytes: u64,
+    upstream: Option<SocketAddr>,
+}
+
+async fn serve_request(
+    ctx: Rc<H3Ctx>,
+    peer: SocketAddr,
+    conn_id: u64,
+    request: Request<()>,
+    stream: RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>,
+) {
+    let started = Instant::now();
+    let request_id = RequestId::new(H3Ctx::next_id(&ctx.next_request, ctx.id));
+    let (parts, ()) = request.into_parts();
+    let (mut send, recv) = stream.split();
+    let raw_host: &[u8] = match parts.uri.authority() {
+        Some(authority) => authority.as_str().as_bytes(),
+        None => parts
+            .headers
+            .get(header::HOST)
+            .map_or(b"", HeaderValue::as_bytes),
+    };
+    let mut host = String::new();
+    let mut path = String::new();
+    let host_ok = normalize_host(raw_host, &mut host);
+    let path_ok = routing_path(parts.uri.path().as_bytes(), &mut path);
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .as_bytes();
+    let method = parts.method.as_str();
+    let client_ip = canonical_ip(peer.ip());
+    let compiled = ctx.snapshot();
+
+    let mut route_name: &str = "";
+    let outcome = if !host_ok || !path_ok || host.is_empty() {
+        send_local(&mut send, 400).await
+    } else if parts.method == http::Method::CONNECT {
+        send_local(&mut send, 405).await
+    } else {
+        let view = View {
+            host: &host,
+            path: &path,
+            query: parts.uri.query().unwrap_or(""),
+            method,
+            headers: &parts.headers,
+            client_ip,
+        };
+        match compiled.route(EntryPoint::WebSecure, &view) {
+            Some(router) => {
+                route_name = &router.name;
+                let span = tracing::debug_span!(
+                    "request",
+                    req_id = request_id.as_str(),
+                    method,
+                    host = %host,
+                    route = %router.name,
+                );
+                let fwd = ForwardInfo {
+                    method: method.as_bytes(),
+                    target,
+                    host: b"",
+                    raw_host,
+                    client_ip,
+                    request_id,
+                    tls: true,
+                    local_port: ctx.local_port,
+                    trusted_peer: ctx.shared.settings.is_trusted_proxy(peer.ip()),
+                };
+                let outcome = proxy(
+                    &ctx,
+                    &compiled,
+                    router.service,
+                    &parts,
+                    fwd,
+                    recv,
+                    &mut send,
+                )
+                .instrument(span)
+                .await;
+                router.stats.record(ctx.id, Protocol::Http3, outcome.status);
+                outcome
+            }
+            None => send_local(&mut send, 404).await,
+        }
+    };
+    if route_name.is_empty() {
+        ctx.shared
+            .unrouted_stats
+            .record(ctx.id, Protocol::Http3, outcome.status);
+    }
+    ctx.access_log.borrow_mut().record(&Record {
+        request_id: request_id.as_str(),
+        conn_id,
+        client: client_ip,
+        tls: true,
+        protocol: Protocol::Http3,
+        host: &host,
+        method: method.as_bytes(),
+        path: target,
+        status: outcome.status,
+        bytes: outcome.bytes,
+        duration: started.elapsed(),
+        route: route_name,
+        upstream: outcome.upstream,
+    });
+}
+
+/// Forwards one request to a backend of `service` over HTTP/1.1 and streams the response back.
+async fn proxy(
+    ctx: &Rc<H3Ctx>,
+    compiled: &Compiled,
+    service_index: usize,
+    parts: &http::request::Parts,
+    mut fwd: ForwardInfo<'_>,
+    mut recv: RecvHalf,
+    send: &mut SendHalf,
+) -> Outcome {
+    let service = &compiled.services[service_index];
+    if service.servers.first().is_some_and(|s| s.h2c) {
+        // TODO: h2c (gRPC) backends over HTTP/3. The h2c pool lives on the monoio worker.
+        return send_local(send, 502).await;
+    }
+    let (index, addr) = match ctx.upstreams.pick(compiled, service_index, &[]) {
+        Pick::Server { index, addr } => (index, addr),
+        Pick::NoServers | Pick::NoneAvailable => return send_local(send, 503).await,
+    };
+    let server = &service.servers[index];
+    let host = if service.pass_host_header && !fwd.raw_host.is_empty() {
+        fwd.raw_host
+    } else {
+        server.authority.as_bytes()
+    };
+    fwd.host = host;
+    let settings = &ctx.shared.settings;
+    let _in_flight = ctx.upstreams.start_request(addr);
+
+    // The request body: read its first piece so that a request without one goes out without
+    // framing, then stream the rest through a channel.
+    // NOTE: a client that waits for response headers before sending its body is not served.
+    let limit = settings
+        .max_request_body_bytes
+        .unwrap_or(DEFAULT_BODY_LIMIT);
+    let too_large = Rc::new(Cell::new(false));
+    let body: UpstreamBody = match recv.recv_data().await {
+        Ok(None) => Empty::new().map_err(|never| match never {}).boxed_unsync(),
+        Ok(Some(mut first)) => {
+            let (mut tx, channel) = http_body_util::channel::Channel::<Bytes, io::Error>::new(4);
+            let first = first.copy_to_bytes(first.remaining());
+            let too_large = too_large.clone();
+            tokio::task::spawn_local(async move {
+                let mut sent = first.len() as u64;
+                if sent > limit {
+                    too_large.set(true);
+                    tx.abort(io::Error::other("request body too large"));
+                    return;
+                }
+                if tx.send_data(first).await.is_err() {
+                    return;
+                }
+                loop {
+                    match recv.recv_data().await {
+                        Ok(Some(mut chunk)) => {
+                            let chunk = chunk.copy_to_bytes(chunk.remaining());
+                            sent += chunk.len() as u64;
+                            if sent > limit {
+                                too_large.set(true);
+                                tx.abort(io::Error::other("request body too large"));
+                                return;
+                            }
+                            if tx.send_data(chunk).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tx.abort(io::Error::other(e.to_string()));
+                            return;
+                        }
+                    }
+                }
+                if let Ok(Some(trailers)) = recv.recv_trailers().await {
+                    let _ = tx.send_trailers(trailers).await;
+                }
+            });
+            channel.boxed_unsync()
+        }
+        Err(e) => {
+            debug!(error = %e, "reading the request body failed");
+            return send_local(send, 400).await;
+        }
+    };
+
+    let mut headers = HeaderMap::new();
+    if let Ok(value) = HeaderValue::from_bytes(host) {
+        headers.insert(header::HOST, value);
+    }
+    let fields = parts.headers.iter().filter_map(|(name, value)| {
+        let name = name.as_str().as_bytes();
+        (!(is_hop_by_hop(name) || name == b"host")).then_some((name, value.as_bytes()))
+    });
+    forwarded_fields(&fwd, fields, |name, value| {
+        if let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+        {
+            headers.append(name, value);
+        }
+    });
+    let target = std::str::from_utf8(fwd.target).unwrap_or("/");
+    let mut upstream_request = Request::new(body);
+    *upstream_request.method_mut() = parts.method.clone();
+    *upstream_request.uri_mut() = match target.parse() {
+        Ok(uri) => uri,
+        Err(_) => return send_local(send, 400).await,
+    };
+    *upstream_request.headers_mut() = headers;
+
+    // NOTE: no connection reuse to backends from the QUIC thread yet: one connection per
+    // request. The monoio pools of the worker cannot be used from this thread.
+    let tcp = match tokio::time::timeout(
+        settings.upstream_connect_timeout,
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => {
+            return upstream_failed(ctx, send, addr, UpstreamErrorKind::Connect, &e.to_string())
+                .await
+        }
+        Err(_) => {
+            return upstream_failed(
+                ctx,
+                send,
+                addr,
+                UpstreamErrorKind::ConnectTimeout,
+                "no answer",
+            )
+            .await
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let (mut sender, connection) = match hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+    {
+        Ok(pair) => pair,
+        Err(e) => {
+            return upstream_failed(ctx, send, addr, UpstreamErrorKind::Protocol, &e.to_string())
+                .await
+        }
+    };
+    tokio::task::spawn_local(async move {
+        if let Err(e) = connection.await {
+            debug!(error = %e, "backend connection ended with an error");
+        }
+    });
+    let response = match tokio::time::timeout(
+        settings.upstream_response_timeout,
+        sender.send_request(upstream_request),
+    )
+    .await
+    {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => {
+            if too_large.get() {
+                return send_local(send, 413).await;
+            }
+            return upstream_failed(ctx, send, addr, UpstreamErrorKind::Protocol, &e.to_string())
+                .await;
+        }
+        Err(_) => {
+            ctx.metrics()
+                .upstream_error(UpstreamErrorKind::ResponseTimeout);
+            let mut outcome = send_local(send, 504).await;
+            outcome.upstream = Some(addr);
+            return outcome;
+        }
+    };
+    ctx.upstreams.mark_ok(addr);
+    let (head, mut body) = response.into_parts();
+    let status = head.status.as_u16();
+    let listed: Vec<HeaderName> = head
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    let mut client_head = Response::new(());
+    *client_head.status_mut() = head.status;
+    for (name, value) in &head.headers {
+        if is_hop_by_hop(name.as_str().as_bytes())
+            || listed.contains(name)
+            || name == header::TRANSFER_ENCODING
+        {
+            continue;
+        }
+        client_head
+            .headers_mut()
+            .append(name.clone(), value.clone());
+    }
+    let mut outcome = Outcome {
+        status,
+        bytes: 0,
+        upstream: Some(addr),
+    };
+    if let Err(e) = send.send_response(client_head).await {
+        debug!(error = %e, "sending the response head failed");
+        return outcome;
+    }
+    loop {
+        match body.frame().await {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    outcome.bytes += data.len() as u64;
+                    if let Err(e) = send.send_data(data).await {
+                        debug!(error = %e, "client stopped reading the response");
+                        return outcome;
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        let _ = send.send_trailers(trailers).await;
+                        return outcome;
+                    }
+                }
+            },
+            Some(Err(e)) => {
+                debug!(error = %e, "backend response body failed");
+                send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+                return outcome;
+            }
+            None => break,
+        }
+    }
+    let _ = send.finish().await;
+    outcome
+}
+
+/// Counts and logs a failed backend exchange, then responds with 502.
+async fn upstream_failed(
+    ctx: &H3Ctx,
+    send: &mut SendHalf,
+    addr: SocketAddr,
+    kind: UpstreamErrorKind,
+    message: &str,
+) -> Outcome {
+    ctx.metrics().upstream_error(kind);
+    ctx.upstreams.mark_failed(addr);
+    warn!(upstream = %addr, error = %message, "HTTP/3 request to the backend failed");
+    let mut outcome = send_local(send, 502).await;
+    outcome.upstream = Some(addr);
+    outcome
+}
+
+/// Sends a response generated by the edge and ends the stream.
+async fn send_local(send: &mut SendHalf, status: u16) -> Outcome {
+    let (_, text) = local_response_text(status);
+    let mut response = Response::new(());
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
+    let mut bytes = 0;
+    if send.send_response(response).await.is_ok()
+        && send
+            .send_data(Bytes::from_static(text.as_bytes()))
+            .await
+            .is_ok()
+    {
+        bytes = text.len() as u64;
+        let _ = send.finish().await;
+    }
+    Outcome {
+        status,
+        bytes,
+        upstream: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_ids_carry_the_worker() {
+        let mut generator = WorkerCids { worker: 7 };
+        let a = generator.generate_cid();
+        let b = generator.generate_cid();
+        assert_eq!(worker_of_cid(&a), Some(7));
+        assert_eq!(worker_of_cid(&b), Some(7));
+        assert_ne!(a, b, "the random part differs between IDs");
+    }
+}
