@@ -305,7 +305,7 @@ mod tests {
 
     use super::*;
 
-    /// Settings whose pin directory holds no maps, as before the edge loads its filter.
+    /// Settings whose pin directory contains no maps, as before the edge loads its filter.
     fn unloaded(dir: &Path) -> FilterSettings {
         FilterSettings {
             pin_dir: dir.join("no-pins"),

@@ -774,7 +774,7 @@ fn h2_uri(host: &str, path: &str) -> anyhow::Result<http::Uri> {
 /// The side of a connection that starts HTTP/2 requests.
 type H2Client = h2::client::SendRequest<&'static [u8]>;
 
-/// One closed-loop HTTP/2 connection: opens it, runs `streams` request loops on it, and opens
+/// Runs one closed-loop HTTP/2 connection: opens it, runs `streams` request loops on it, and opens
 /// a new one when it fails, until the window ends.
 async fn h2_closed_loop(shared: &Arc<Shared>, recorder: &Rc<RefCell<Recorder>>) {
     loop {
@@ -1060,16 +1060,16 @@ mod tests {
         }
     }
 
-    /// What the test server does with each HTTP/2 request.
+    /// Behaviour of the test server for each HTTP/2 request.
     #[derive(Clone, Copy)]
-    enum Answer {
+    enum Reply {
         Status(u16),
         Reset,
     }
 
     /// Serves one TLS connection on a loopback port, with HTTP/2 when `alpn` is `h2`, and
-    /// answers its requests with `answer`. Gives up after 10 s so that a test cannot hang.
-    fn serve_one(alpn: Option<&'static [u8]>, answer: Answer) -> (SocketAddr, JoinHandle<()>) {
+    /// responds to its requests with `reply`. Gives up after 10 s so that a test cannot hang.
+    fn serve_one(alpn: Option<&'static [u8]>, reply: Reply) -> (SocketAddr, JoinHandle<()>) {
         let certified = rcgen::generate_simple_self_signed(vec!["bench.local".to_owned()]).unwrap();
         let key =
             rustls::pki_types::PrivateKeyDer::Pkcs8(certified.key_pair.serialize_der().into());
@@ -1102,14 +1102,14 @@ mod tests {
                     return;
                 };
                 while let Some(Ok((_request, mut respond))) = connection.accept().await {
-                    match answer {
-                        Answer::Status(status) => {
+                    match reply {
+                        Reply::Status(status) => {
                             let response =
                                 http::Response::builder().status(status).body(()).unwrap();
                             let mut body = respond.send_response(response, false).unwrap();
                             body.send_data(b"ok".as_slice(), true).unwrap();
                         }
-                        Answer::Reset => respond.send_reset(h2::Reason::REFUSED_STREAM),
+                        Reply::Reset => respond.send_reset(h2::Reason::REFUSED_STREAM),
                     }
                 }
             };
@@ -1126,17 +1126,17 @@ mod tests {
 
     #[test]
     fn h2_probe_reads_the_status() {
-        let (addr, server) = serve_one(Some(b"h2"), Answer::Status(200));
+        let (addr, server) = serve_one(Some(b"h2"), Reply::Status(200));
         assert_eq!(probe_h2(addr).unwrap(), 200);
         server.join().unwrap();
-        let (addr, server) = serve_one(Some(b"h2"), Answer::Status(503));
+        let (addr, server) = serve_one(Some(b"h2"), Reply::Status(503));
         assert_eq!(probe_h2(addr).unwrap(), 503);
         server.join().unwrap();
     }
 
     #[test]
     fn h2_probe_names_a_reset_stream() {
-        let (addr, server) = serve_one(Some(b"h2"), Answer::Reset);
+        let (addr, server) = serve_one(Some(b"h2"), Reply::Reset);
         let err = probe_h2(addr).unwrap_err().to_string();
         assert_eq!(err, format!("probe of {addr} failed: stream reset"));
         server.join().unwrap();
@@ -1144,7 +1144,7 @@ mod tests {
 
     #[test]
     fn h2_probe_needs_alpn_h2() {
-        let (addr, server) = serve_one(None, Answer::Status(200));
+        let (addr, server) = serve_one(None, Reply::Status(200));
         let err = probe_h2(addr).unwrap_err().to_string();
         assert_eq!(err, format!("probe of {addr} failed: alpn not h2"));
         server.join().unwrap();

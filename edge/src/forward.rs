@@ -235,6 +235,49 @@ fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
     &buf[..len]
 }
 
+/// Routing key of an HTTP/2 or HTTP/3 request, taken from its pseudo-headers.
+pub struct RouteKey<'a> {
+    /// The authority, or the Host field when there is none.
+    pub raw_host: &'a [u8],
+    /// The host normalised by [`normalize_host`].
+    pub host: String,
+    /// The path decoded by [`routing_path`].
+    pub path: String,
+    /// Path and query as sent, for redirects and the backend request.
+    pub target: &'a [u8],
+    /// Whether both host and path are valid.
+    pub valid: bool,
+}
+
+impl<'a> RouteKey<'a> {
+    /// Builds the routing key of a request from its URI and headers.
+    pub fn from_parts(parts: &'a http::request::Parts) -> Self {
+        let raw_host: &[u8] = match parts.uri.authority() {
+            Some(authority) => authority.as_str().as_bytes(),
+            None => parts
+                .headers
+                .get(http::header::HOST)
+                .map_or(b"", http::HeaderValue::as_bytes),
+        };
+        let mut host = String::new();
+        let mut path = String::new();
+        let host_ok = normalize_host(raw_host, &mut host);
+        let path_ok = routing_path(parts.uri.path().as_bytes(), &mut path);
+        let target = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .as_bytes();
+        RouteKey {
+            raw_host,
+            host,
+            path,
+            target,
+            valid: host_ok && path_ok,
+        }
+    }
+}
+
 /// Normalises a Host value for routing into `out`: port and IPv6 brackets removed, one
 /// trailing dot removed, ASCII lowercase. Returns false when the value is not a valid host.
 pub fn normalize_host(raw: &[u8], out: &mut String) -> bool {

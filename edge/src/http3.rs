@@ -40,7 +40,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::{
     access_log::{AccessLog, Record},
-    forward::{forwarded_fields, local_response_text, normalize_host, routing_path, ForwardInfo},
+    forward::{forwarded_fields, local_response_text, ForwardInfo, RouteKey},
     http1::head::is_hop_by_hop,
     http2::stream::View,
     metrics::{bump, Protocol, UpstreamErrorKind},
@@ -379,28 +379,19 @@ async fn serve_request(
     let request_id = RequestId::new(H3Ctx::next_id(&ctx.next_request, ctx.id));
     let (parts, ()) = request.into_parts();
     let (mut send, recv) = stream.split();
-    let raw_host: &[u8] = match parts.uri.authority() {
-        Some(authority) => authority.as_str().as_bytes(),
-        None => parts
-            .headers
-            .get(header::HOST)
-            .map_or(b"", HeaderValue::as_bytes),
-    };
-    let mut host = String::new();
-    let mut path = String::new();
-    let host_ok = normalize_host(raw_host, &mut host);
-    let path_ok = routing_path(parts.uri.path().as_bytes(), &mut path);
-    let target = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .as_bytes();
+    let RouteKey {
+        raw_host,
+        host,
+        path,
+        target,
+        valid,
+    } = RouteKey::from_parts(&parts);
     let method = parts.method.as_str();
     let client_ip = canonical_ip(peer.ip());
     let compiled = ctx.snapshot();
 
     let mut route_name: &str = "";
-    let outcome = if !host_ok || !path_ok || host.is_empty() {
+    let outcome = if !valid || host.is_empty() {
         send_local(&mut send, 400).await
     } else if parts.method == http::Method::CONNECT {
         send_local(&mut send, 405).await

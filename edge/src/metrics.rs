@@ -89,7 +89,7 @@ pub struct WorkerMetrics {
     pub connections_total: AtomicU64,
     pub tls_handshakes: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
-    /// QUIC connection attempts answered with a Retry (address validation).
+    /// QUIC connection attempts that got a Retry (address validation).
     pub quic_retries: AtomicU64,
     upstream_errors: [AtomicU64; 5],
     h2_connections: AtomicU64,

@@ -161,7 +161,7 @@ pub struct RunArgs {
     /// XDP attach mode: native (driver) with a fallback to generic SKB mode, or one of them.
     #[arg(long, global = true, env = "EDGE_XDP_MODE", value_enum, default_value_t = XdpModeArg::Auto)]
     pub xdp_mode: XdpModeArg,
-    /// How new connections are spread over the workers' SO_REUSEPORT sockets: `cpu` picks the
+    /// Spreading of new connections over the workers' SO_REUSEPORT sockets: `cpu` picks the
     /// worker pinned to the CPU that received the connection, `hash` spreads by the flow hash,
     /// `off` leaves it to the kernel without a program.
     #[arg(long, global = true, env = "EDGE_STEERING", value_enum, default_value_t = SteeringArg::Cpu)]

@@ -22,7 +22,7 @@ use rustls::{
 const GOAWAY: u8 = 0x7;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 
-/// The ring provider: the edge uses ring, and aws-lc-rs would need a C build.
+/// Returns the ring provider, because the edge uses ring and aws-lc-rs would need a C build.
 #[allow(deprecated)]
 fn ring_provider() -> rustls::crypto::CryptoProvider {
     rustls::crypto::ring::default_provider()
@@ -214,7 +214,7 @@ fn large_bodies_stream_with_bounded_memory() {
     assert_eq!(code, 0);
     assert_eq!(out, SIZE.to_string());
 
-    // Streaming holds a few windows and buffers; buffering either body whole would add 64 MiB.
+    // Streaming keeps a few windows and buffers; buffering either body whole would add 64 MiB.
     let growth_kib = edge.peak_rss_kib().saturating_sub(before_kib);
     assert!(growth_kib < 24 * 1024, "memory grew by {growth_kib} KiB");
 }
@@ -306,7 +306,7 @@ fn hpack_bomb_rejected_while_others_served() {
     let edge = h2_edge("h2-hpack-bomb", &backend);
     let legit = LegitClient::start(&edge, &backend);
     let mut attacker = RawClient::connect(edge.https);
-    // Stream 1 puts a 4 KiB header into the dynamic table; stream 3 refers to it 16,000
+    // Stream 1 puts a 4 KiB header into the dynamic table. Stream 3 refers to it 16,000
     // times in a 16 KB block, which decodes to 64 MiB of headers.
     let mut block = get_block("a.test", "/");
     block.push(0x40);
@@ -322,7 +322,7 @@ fn hpack_bomb_rejected_while_others_served() {
         outcome.goaway.is_some() || outcome.answered.contains(&3),
         "the bomb got neither GOAWAY nor an answer"
     );
-    // The answer, if any, came from the edge: no request with the expanded headers was sent.
+    // The response, if any, came from the edge: no request with the expanded headers was sent.
     let expanded = backend
         .requests
         .lock()
@@ -564,13 +564,13 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A HEADERS frame with END_STREAM, and END_HEADERS when `end_headers` is set.
+/// Encodes a HEADERS frame with END_STREAM, and END_HEADERS when `end_headers` is set.
 fn headers_frame(stream: u32, block: &[u8], end_headers: bool) -> Vec<u8> {
     let flags = 0x1 | if end_headers { 0x4 } else { 0 };
     frame(0x1, flags, stream, block)
 }
 
-/// An HPACK block for `GET https://HOST/PATH`, without Huffman coding.
+/// Encodes an HPACK block for `GET https://HOST/PATH`, without Huffman coding.
 fn get_block(host: &str, path: &str) -> Vec<u8> {
     // :method GET (static index 2), :scheme https (index 7).
     let mut block = vec![0x82, 0x87];
@@ -589,7 +589,7 @@ fn literal_header(name: &[u8], value: &[u8]) -> Vec<u8> {
     block
 }
 
-/// An HPACK string literal with a 7-bit prefix length (RFC 7541 section 5.1).
+/// Encodes an HPACK string literal with a 7-bit prefix length (RFC 7541 section 5.1).
 fn hpack_string(value: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let len = value.len();

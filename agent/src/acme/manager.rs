@@ -113,11 +113,11 @@ impl Manager {
     /// ones and drops the others. Returns whether the served certificates changed.
     fn sync(&self, requests: &[CertificateRequest]) -> bool {
         let mut shared = lock(&self.shared);
-        let mut wanted = BTreeSet::new();
+        let mut requested = BTreeSet::new();
         let mut changed = false;
         for request in requests {
             let id = format!("{}/{}", request.resolver, cert_id(&request.names));
-            wanted.insert(id.clone());
+            requested.insert(id.clone());
             if let Some(entry) = shared.entries.get_mut(&id) {
                 entry.routers = request.routers.clone();
                 continue;
@@ -129,7 +129,7 @@ impl Manager {
         let before = shared.entries.len();
         shared
             .entries
-            .retain(|id, entry| wanted.contains(id) || entry.running);
+            .retain(|id, entry| requested.contains(id) || entry.running);
         changed | (shared.entries.len() != before)
     }
 

@@ -7,7 +7,7 @@
 //!     └──── changed (rebuild) ────────┘ (the main loop puts them in the next snapshot)
 //! ```
 //!
-//! The manager never blocks the main loop: orders run in their own tasks, and the main loop
+//! The manager does not block the main loop: orders run in their own tasks, and the main loop
 //! only reads the shared state. An order publishes its challenge responses, then waits until
 //! the main loop reports that the edge applied a snapshot that contains them, and only then
 //! asks the CA to validate.

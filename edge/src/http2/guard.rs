@@ -5,8 +5,8 @@
 //! (HPACK bombs), streams reset before they are accepted and streams it resets itself. It
 //! acknowledges PING and SETTINGS without limit, and a stream reset by the client after it was
 //! accepted (Rapid Reset, CVE-2023-44487) costs the proxy a routed request each time. The
-//! meter gives each kind of cheap frame a token bucket per connection; a client that empties
-//! one is abusive, and the connection is closed with GOAWAY(ENHANCE_YOUR_CALM).
+//! meter gives each kind of cheap frame a token bucket per connection. A client that empties
+//! one is abusive, so its connection is closed with GOAWAY(ENHANCE_YOUR_CALM).
 
 use std::{
     cell::Cell,

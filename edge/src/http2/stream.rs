@@ -16,13 +16,13 @@ use std::{
 use bytes::Bytes;
 use edge_proto::rule::RequestView;
 use h2::{server::SendResponse, RecvStream, SendStream};
-use http::{header, HeaderMap, HeaderValue, Request, Response};
+use http::{header, HeaderMap, Request, Response};
 use tracing::{debug, Instrument};
 
 use super::{conn::H2Conn, h2c::proxy_h2c, to_http1::proxy_http1};
 use crate::{
     access_log::Record,
-    forward::{local_response_text, normalize_host, routing_path, ForwardInfo},
+    forward::{local_response_text, ForwardInfo, RouteKey},
     metrics::Protocol,
     settings::canonical_ip,
     worker::{RequestId, WorkerCtx},
@@ -94,28 +94,19 @@ pub async fn serve_stream(
     let request_id = ctx.next_request_id();
     let (parts, body) = request.into_parts();
 
-    let raw_host: &[u8] = match parts.uri.authority() {
-        Some(authority) => authority.as_str().as_bytes(),
-        None => parts
-            .headers
-            .get(header::HOST)
-            .map_or(b"", HeaderValue::as_bytes),
-    };
-    let mut host = String::new();
-    let mut path = String::new();
-    let host_ok = normalize_host(raw_host, &mut host);
-    let path_ok = routing_path(parts.uri.path().as_bytes(), &mut path);
-    let target = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .as_bytes();
+    let RouteKey {
+        raw_host,
+        host,
+        path,
+        target,
+        valid,
+    } = RouteKey::from_parts(&parts);
     let method = parts.method.as_str();
     let client_ip = canonical_ip(info.peer.ip());
     let compiled = ctx.snapshot();
 
     let mut route_name: &str = "";
-    let outcome = if !host_ok || !path_ok {
+    let outcome = if !valid {
         send_local(&mut respond, 400)
     } else if parts.method == http::Method::CONNECT {
         // NOTE: extended CONNECT (RFC 8441, WebSocket over HTTP/2) is not offered, so h2

@@ -107,8 +107,8 @@ impl Kernel {
         }
     }
 
-    /// Loads and attaches the programs that `options` requests. Never fails: each part that cannot start
-    /// is logged and recorded in its [`ProgramState`].
+    /// Loads and attaches the programs that `options` requests. A part that cannot start is
+    /// logged and recorded in its [`ProgramState`] instead of failing the edge.
     pub fn start(options: &KernelOptions, listeners: &ListenerGroups<'_>) -> Self {
         let wants_xdp = options.xdp_iface.is_some();
         let wants_steering = options.steering != SteeringArg::Off;

@@ -431,7 +431,7 @@ impl BackendOptions {
 /// A scriptable HTTP/1.1 backend. Paths select the behaviour:
 /// `/slow/MS` answers after MS milliseconds; `/never` never answers; `/chunked` answers with a
 /// chunked body and a trailer; `/close` answers without Content-Length and closes;
-/// `/bytes/N` answers with N bytes written in pieces; `/ws` accepts an Upgrade with 101 and then echoes bytes; `/no-upgrade` answers 200 to an
+/// `/bytes/N` responds with N bytes written in pieces; `/ws` accepts an Upgrade with 101 and then echoes bytes; `/no-upgrade` answers 200 to an
 /// Upgrade request; `/health` answers 200; anything else answers `NAME PATH`, with the body
 /// length for requests that have one.
 pub struct Backend {
