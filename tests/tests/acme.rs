@@ -103,7 +103,9 @@ impl Pebble {
                 "",
                 "-management",
                 &format!("127.0.0.1:{dns_management}"),
-            ]),
+            ])
+            // pebble-challtestsrv writes its pid file into its working directory.
+            .current_dir(&dir),
             "Starting management server",
         );
 
