@@ -531,8 +531,8 @@ static __always_inline int quic_dcid_worker(struct sk_reuseport_md *md)
 	if (bpf_skb_load_bytes(md, quic, head, 1))
 		return -1;
 	if (!(head[0] & 0x80)) {
-		/* Short header: the ID is taken to have our length, because only packets of a
-		 * connection that this edge accepted carry a short header. */
+		/* Short header: the ID's length is not sent, so it is read at our length. A short
+		 * header only follows a handshake with this edge, which issued the ID. */
 		if (bpf_skb_load_bytes(md, quic, head, QUIC_SHORT_DCID_OFFSET + EDGE_QUIC_CID_LEN))
 			return -1;
 		return head[QUIC_SHORT_DCID_OFFSET];

@@ -16,7 +16,7 @@
 #define EDGE_CPUS_MAX 1024
 #define EDGE_STATS_MAX 16
 
-/* Length of the QUIC connection IDs the edge issues; the first byte is the worker id. */
+/* Length of the QUIC connection IDs the edge issues. The first byte is the worker id. */
 #define EDGE_QUIC_CID_LEN 8
 
 /* Key of the IPv4 block list (LPM trie). `addr` is in network byte order. */

@@ -659,7 +659,7 @@ fn malformed_flood_blocks_sender() {
     assert!(line.ends_with("auto"), "{line}");
 }
 
-/// The edge's HTTPS address, where HTTP/3 listens over UDP.
+/// Returns the edge's HTTPS address, where HTTP/3 listens over UDP.
 fn quic_server() -> SocketAddr {
     SocketAddr::new(EDGE_ADDR.parse().unwrap(), 8443)
 }
@@ -797,7 +797,7 @@ fn quic_connections_spread_over_workers() {
         ));
         assert!(accepted > 0, "worker {worker} accepted no QUIC connection");
     }
-    // quinn clients choose 20-byte Initial IDs, so every first Initial goes by the hash, and
+    // quinn 0.11 clients choose 20-byte Initial IDs, so every first Initial goes by the hash, and
     // the handshake's later datagrams carry the edge's IDs.
     let by_hash = lab.counter(r#"edge_xdp_packets_total{reason="steer_quic_hash"}"#);
     assert!(

@@ -363,7 +363,7 @@ pub fn attach_quic_steering(ebpf: &mut Ebpf, listeners: &ListenerGroups<'_>) -> 
     let workers = listeners.http.len().min(listeners.https.len());
     if listeners.quic.len() < workers {
         bail!(
-            "{} HTTP/3 sockets for {workers} workers",
+            "only {} HTTP/3 sockets for {workers} workers, which need one each",
             listeners.quic.len()
         );
     }

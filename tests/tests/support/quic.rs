@@ -20,7 +20,7 @@ use rustls::{
 /// connection gets no response at all, so this bounds how long such a failure takes.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Runs `task` on a new thread inside the network namespace `/run/netns/NS`; the sockets it
+/// Runs `task` on a new thread inside the network namespace `/run/netns/NS`. The sockets it
 /// creates stay in that namespace. Needs root.
 pub fn in_netns<T: Send + 'static>(ns: &str, task: impl FnOnce() -> T + Send + 'static) -> T {
     let path = format!("/run/netns/{ns}");
