@@ -11,6 +11,9 @@
  *
  * SO_REUSEPORT (`edge_steer_http`, `edge_steer_https`): pick the worker socket for a new
  * connection, by the receiving CPU or by the flow hash.
+ *
+ * SO_REUSEPORT for QUIC (`edge_steer_quic`): pick the worker socket for every UDP datagram,
+ * by the worker id in the QUIC destination connection ID, else by the flow hash.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -114,6 +117,14 @@ struct {
 	__type(value, __u32);
 	__uint(max_entries, EDGE_WORKERS_MAX);
 } edge_socks_https SEC(".maps");
+
+/* The workers' UDP sockets of the HTTP/3 endpoints. */
+struct {
+	__uint(type, BPF_MAP_TYPE_REUSEPORT_SOCKARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, EDGE_WORKERS_MAX);
+} edge_socks_quic SEC(".maps");
 
 /* QUIC version 1 (RFC 9000) and version 2 (RFC 9369). */
 #define QUIC_V1 0x00000001
@@ -489,10 +500,6 @@ static __always_inline int steer(struct sk_reuseport_md *md, void *socks)
 	return verdict(EDGE_STAT_STEER_DEFAULT, SK_PASS);
 }
 
-/* TODO: HTTP/3 needs a third selector for the UDP socket group that reads the worker id from
- * the QUIC destination connection ID (and hashes Initial packets), so that a migrated
- * connection still reaches its worker. */
-
 SEC("sk_reuseport")
 int edge_steer_http(struct sk_reuseport_md *md)
 {
@@ -503,6 +510,77 @@ SEC("sk_reuseport")
 int edge_steer_https(struct sk_reuseport_md *md)
 {
 	return steer(md, &edge_socks_https);
+}
+
+/* Long header: flags (1), version (4), destination connection ID length (1), then the ID. */
+#define QUIC_LONG_DCID_OFFSET 6
+/* Short header: flags (1), then the destination connection ID, whose length is not sent. */
+#define QUIC_SHORT_DCID_OFFSET 1
+
+/* Returns the worker id in the destination connection ID of a QUIC datagram, or -1 when the
+ * datagram carries no ID of the edge's length. For UDP the context's data starts at the UDP
+ * header, and bpf_skb_load_bytes fails on a datagram too short for the bytes it reads.
+ *
+ * Only the layout that RFC 8999 fixes for every QUIC version is read. The fixed bit (0x40) is
+ * not checked, because quinn lets peers grease it (RFC 9287). */
+static __always_inline int quic_dcid_worker(struct sk_reuseport_md *md)
+{
+	__u8 head[QUIC_LONG_DCID_OFFSET + EDGE_QUIC_CID_LEN];
+	const __u32 quic = sizeof(struct udphdr);
+
+	if (bpf_skb_load_bytes(md, quic, head, 1))
+		return -1;
+	if (!(head[0] & 0x80)) {
+		/* Short header: the ID's length is not sent, so it is read at our length. A short
+		 * header only follows a handshake with this edge, which issued the ID. */
+		if (bpf_skb_load_bytes(md, quic, head, QUIC_SHORT_DCID_OFFSET + EDGE_QUIC_CID_LEN))
+			return -1;
+		return head[QUIC_SHORT_DCID_OFFSET];
+	}
+	if (bpf_skb_load_bytes(md, quic, head, sizeof(head)))
+		return -1;
+	/* Version 0 is Version Negotiation, which only servers send. */
+	if (head[1] == 0 && head[2] == 0 && head[3] == 0 && head[4] == 0)
+		return -1;
+	/* A client's first Initial carries an ID that the client chose, usually of another
+	 * length. Handshake packets, and Initial and 0-RTT packets after a Retry, carry ours. */
+	if (head[QUIC_LONG_DCID_OFFSET - 1] != EDGE_QUIC_CID_LEN)
+		return -1;
+	return head[QUIC_LONG_DCID_OFFSET];
+}
+
+/* Sends each QUIC datagram to the worker whose id its destination connection ID carries, so
+ * that a connection keeps its worker when the client's address or port changes. A datagram
+ * without such an ID, or whose worker has no socket, goes by the flow hash, which is stable for
+ * one client address and port. Nothing is dropped: a datagram that no rule places is left to
+ * the kernel's own choice.
+ *
+ * NOTE: a client-chosen ID of our length whose first byte names a live worker is steered by
+ * that byte. The choice is still a function of the ID alone, so every datagram that carries
+ * the ID reaches the same worker, which is all a handshake needs. */
+SEC("sk_reuseport")
+int edge_steer_quic(struct sk_reuseport_md *md)
+{
+	__u32 zero = 0;
+	struct edge_steer_config *config = bpf_map_lookup_elem(&edge_steer, &zero);
+
+	if (!config || config->workers == 0)
+		return verdict(EDGE_STAT_STEER_QUIC_DEFAULT, SK_PASS);
+
+	int worker = quic_dcid_worker(md);
+	if (worker >= 0) {
+		__u32 index = worker;
+
+		if (bpf_sk_select_reuseport(md, &edge_socks_quic, &index, 0) == 0)
+			return verdict(EDGE_STAT_STEER_QUIC_CID, SK_PASS);
+	}
+
+	/* Not by the receiving CPU as for TCP: the datagrams of one Initial flight can arrive on
+	 * different CPUs, and all of them must reach the same worker. */
+	__u32 index = md->hash % config->workers;
+	if (bpf_sk_select_reuseport(md, &edge_socks_quic, &index, 0) == 0)
+		return verdict(EDGE_STAT_STEER_QUIC_HASH, SK_PASS);
+	return verdict(EDGE_STAT_STEER_QUIC_DEFAULT, SK_PASS);
 }
 
 char LICENSE[] SEC("license") = "Apache-2.0";

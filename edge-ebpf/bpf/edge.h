@@ -16,6 +16,9 @@
 #define EDGE_CPUS_MAX 1024
 #define EDGE_STATS_MAX 16
 
+/* Length of the QUIC connection IDs the edge issues. The first byte is the worker id. */
+#define EDGE_QUIC_CID_LEN 8
+
 /* Key of the IPv4 block list (LPM trie). `addr` is in network byte order. */
 struct edge_lpm_v4_key {
 	__u32 prefixlen;
@@ -100,7 +103,7 @@ struct edge_steer_config {
 	/* EDGE_STEER_HASH: spread by the flow hash. EDGE_STEER_CPU: the worker of the CPU that
 	 * received the packet, when it has one, else by the flow hash. */
 	__u32 mode;
-	/* Number of worker sockets in each socket array. */
+	/* Number of worker sockets in each socket array (TCP and UDP alike). */
 	__u32 workers;
 };
 
@@ -118,5 +121,11 @@ struct edge_steer_config {
 #define EDGE_STAT_STEER_HASH 10
 #define EDGE_STAT_STEER_DEFAULT 11
 #define EDGE_STAT_AUTO_BLOCKED 12
+/* QUIC datagrams steered to the worker named by their destination connection ID. */
+#define EDGE_STAT_STEER_QUIC_CID 13
+/* QUIC datagrams without one of our connection IDs (client Initials), steered by the hash. */
+#define EDGE_STAT_STEER_QUIC_HASH 14
+/* QUIC datagrams left to the kernel's own choice. */
+#define EDGE_STAT_STEER_QUIC_DEFAULT 15
 
 #endif

@@ -35,6 +35,8 @@ pub const PROGRAM_XDP: &str = "edge_xdp";
 pub const PROGRAM_STEER_HTTP: &str = "edge_steer_http";
 /// Name of the SO_REUSEPORT selector of the HTTPS listeners.
 pub const PROGRAM_STEER_HTTPS: &str = "edge_steer_https";
+/// Name of the SO_REUSEPORT selector of the HTTP/3 (QUIC) UDP sockets.
+pub const PROGRAM_STEER_QUIC: &str = "edge_steer_quic";
 
 /// IPv4 block list: LPM trie of [`LpmKeyV4`] to [`BlockEntry`]. Pinned.
 pub const MAP_BLOCK_V4: &str = "edge_block_v4";
@@ -56,6 +58,8 @@ pub const MAP_CPU_WORKER: &str = "edge_cpu_worker";
 pub const MAP_SOCKS_HTTP: &str = "edge_socks_http";
 /// Worker sockets of the HTTPS listeners, indexed by worker id.
 pub const MAP_SOCKS_HTTPS: &str = "edge_socks_https";
+/// Worker UDP sockets of the HTTP/3 endpoints, indexed by worker id.
+pub const MAP_SOCKS_QUIC: &str = "edge_socks_quic";
 
 /// Maximum entries of each block list.
 pub const BLOCK_MAX: u32 = 65536;
@@ -69,6 +73,9 @@ pub const WORKERS_MAX: u32 = 256;
 pub const CPUS_MAX: u32 = 1024;
 /// Entries of the counter map.
 pub const STATS_MAX: u32 = 16;
+/// Length of the QUIC connection IDs the edge issues. The first byte is the worker id, which
+/// `edge_steer_quic` reads from the destination connection ID of every datagram.
+pub const QUIC_CID_LEN: usize = 8;
 
 /// [`BlockEntry::origin`] of an operator's block.
 pub const BLOCK_MANUAL: u32 = 0;
@@ -113,9 +120,16 @@ pub const STAT_STEER_HASH: u32 = 10;
 pub const STAT_STEER_DEFAULT: u32 = 11;
 /// Counter: sources blocked automatically after malformed packets.
 pub const STAT_AUTO_BLOCKED: u32 = 12;
+/// Counter: QUIC datagrams steered to the worker named by their destination connection ID.
+pub const STAT_STEER_QUIC_CID: u32 = 13;
+/// Counter: QUIC datagrams without one of the edge's connection IDs (a client's first
+/// Initial), steered by the flow hash.
+pub const STAT_STEER_QUIC_HASH: u32 = 14;
+/// Counter: QUIC datagrams left to the kernel's own choice (no settings, or no worker socket).
+pub const STAT_STEER_QUIC_DEFAULT: u32 = 15;
 
 /// Counter indexes with the `reason` label used in metrics, in index order.
-pub const STAT_REASONS: [(u32, &str); 13] = [
+pub const STAT_REASONS: [(u32, &str); 16] = [
     (STAT_PASS_NOT_IP, "pass_not_ip"),
     (STAT_PASS_ICMP, "pass_icmp"),
     (STAT_PASS_OTHER, "pass_other"),
@@ -129,6 +143,9 @@ pub const STAT_REASONS: [(u32, &str); 13] = [
     (STAT_STEER_HASH, "steer_hash"),
     (STAT_STEER_DEFAULT, "steer_default"),
     (STAT_AUTO_BLOCKED, "auto_blocked"),
+    (STAT_STEER_QUIC_CID, "steer_quic_cid"),
+    (STAT_STEER_QUIC_HASH, "steer_quic_hash"),
+    (STAT_STEER_QUIC_DEFAULT, "steer_quic_default"),
 ];
 
 /// Key of the IPv4 block list.
@@ -242,7 +259,7 @@ pub const PROTO_UDP: u8 = 17;
 pub struct SteerConfig {
     /// [`STEER_HASH`] or [`STEER_CPU`].
     pub mode: u32,
-    /// Number of worker sockets in each socket array.
+    /// Number of worker sockets in each socket array (TCP and UDP alike).
     pub workers: u32,
 }
 
@@ -312,6 +329,7 @@ mod tests {
             ("EDGE_WORKERS_MAX", WORKERS_MAX.into()),
             ("EDGE_CPUS_MAX", CPUS_MAX.into()),
             ("EDGE_STATS_MAX", STATS_MAX.into()),
+            ("EDGE_QUIC_CID_LEN", QUIC_CID_LEN as u64),
             ("EDGE_BLOCK_MANUAL", BLOCK_MANUAL.into()),
             ("EDGE_BLOCK_AUTO", BLOCK_AUTO.into()),
             ("EDGE_BUCKET_SYN", BUCKET_SYN.into()),

@@ -51,8 +51,9 @@ use crate::{
     worker::RequestId,
 };
 
-/// Length of the connection IDs the edge issues: one byte of worker id, seven random.
-const CID_LEN: usize = 8;
+/// Length of the connection IDs the edge issues: one byte of worker id, seven random. The QUIC
+/// steering program reads the worker id at this length.
+const CID_LEN: usize = edge_ebpf::QUIC_CID_LEN;
 /// Open connections per worker above which new clients must prove their address (Retry).
 const RETRY_ABOVE_CONNECTIONS: usize = 1024;
 /// Open connections per worker above which new clients are rejected.
@@ -187,8 +188,31 @@ pub fn spawn(
         })
 }
 
+/// Returns whether QUIC connection migration is on. After a client changes its address or
+/// port, its datagrams must still reach the worker that owns the connection. The QUIC steering
+/// program routes them by connection ID, and with one worker there is no other socket.
+/// Otherwise the kernel's SO_REUSEPORT hash of the new 4-tuple would pick a worker that does
+/// not know the connection, so migration stays off.
+pub fn migration_enabled(shared: &Shared) -> bool {
+    shared.kernel.steers_quic_by_connection_id() || shared.settings.workers == 1
+}
+
+/// Logs whether QUIC connection migration is on, and why.
+pub fn log_migration(shared: &Shared) {
+    if shared.kernel.steers_quic_by_connection_id() {
+        info!("HTTP/3 connection migration on: QUIC steering routes datagrams by connection ID");
+    } else if shared.settings.workers == 1 {
+        info!("HTTP/3 connection migration on: one worker owns every QUIC connection");
+    } else {
+        info!(
+            workers = shared.settings.workers,
+            "HTTP/3 connection migration off: without QUIC steering by connection ID, a client that changes address or port would reach another worker"
+        );
+    }
+}
+
 /// Builds the QUIC server settings: the TCP listener's certificates (chosen by SNI), ALPN
-/// `h3`, no 0-RTT, no migration, and stream limits.
+/// `h3`, no 0-RTT, migration when [`migration_enabled`], and stream limits.
 fn server_config(shared: &Shared) -> io::Result<quinn::ServerConfig> {
     let resolver = Arc::new(SniResolver::new(shared.current.clone()));
     let mut tls = tls::server_config(resolver, shared.ticketer.clone())
@@ -206,9 +230,7 @@ fn server_config(shared: &Shared) -> io::Result<quinn::ServerConfig> {
         .max_idle_timeout(settings.keep_alive_timeout.try_into().ok());
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport));
-    // NOTE: migration stays off until the eBPF steering routes on connection IDs, because a
-    // client that changes address would otherwise land on another worker's socket.
-    config.migration(false);
+    config.migration(migration_enabled(shared));
     Ok(config)
 }
 
@@ -321,6 +343,7 @@ async fn serve_connection(ctx: Rc<H3Ctx>, incoming: quinn::Incoming) {
         };
         bump(&ctx.metrics().tls_handshakes);
         ctx.metrics().connection_opened(true);
+        bump(&ctx.metrics().quic_connections);
         let _open = OpenConn(ctx.clone());
         let built = h3::server::builder()
             .max_field_section_size(ctx.shared.settings.max_header_bytes as u64)
@@ -750,6 +773,11 @@ mod tests {
         let mut generator = WorkerCids { worker: 7 };
         let a = generator.generate_cid();
         let b = generator.generate_cid();
+        assert_eq!(
+            a.len(),
+            edge_ebpf::QUIC_CID_LEN,
+            "the length the steering reads"
+        );
         assert_eq!(worker_of_cid(&a), Some(7));
         assert_eq!(worker_of_cid(&b), Some(7));
         assert_ne!(a, b, "the random part differs between IDs");

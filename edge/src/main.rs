@@ -137,6 +137,7 @@ fn run(args: RunArgs, fixed_snapshot: Option<Snapshot>) -> anyhow::Result<()> {
         &xdp::ListenerGroups {
             http: &http,
             https: &https,
+            quic: &quic,
         },
     );
 
@@ -218,6 +219,10 @@ fn run(args: RunArgs, fixed_snapshot: Option<Snapshot>) -> anyhow::Result<()> {
         settings,
         kernel,
     });
+
+    if !quic.is_empty() {
+        http3::log_migration(&shared);
+    }
 
     let mut stops = Vec::new();
     let mut handles = Vec::new();

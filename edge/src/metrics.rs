@@ -91,6 +91,8 @@ pub struct WorkerMetrics {
     pub tls_handshake_failures: AtomicU64,
     /// QUIC connection attempts that got a Retry (address validation).
     pub quic_retries: AtomicU64,
+    /// QUIC connections that completed the handshake on this worker.
+    pub quic_connections: AtomicU64,
     upstream_errors: [AtomicU64; 5],
     h2_connections: AtomicU64,
     h2_abuse_closed: AtomicU64,
@@ -263,6 +265,15 @@ pub fn render(shared: &Shared) -> String {
             out,
             "edge_worker_connections_total{{worker=\"{worker}\"}} {}",
             metrics.connections_total.load(Relaxed)
+        );
+    }
+    out.push_str("# HELP edge_worker_quic_connections_total QUIC connections that completed the handshake, by worker.\n");
+    out.push_str("# TYPE edge_worker_quic_connections_total counter\n");
+    for (worker, metrics) in shared.metrics.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "edge_worker_quic_connections_total{{worker=\"{worker}\"}} {}",
+            metrics.quic_connections.load(Relaxed)
         );
     }
     out.push_str("# HELP edge_upstream_errors_total Failed requests to backends, by kind.\n");

@@ -40,3 +40,29 @@ fn programs_off_reported() {
     edge.expect_metric(r#"edge_ebpf_program_state{program="xdp",state="off",detail=""} 1"#);
     edge.expect_metric(r#"edge_ebpf_program_state{program="steering",state="off",detail=""} 1"#);
 }
+
+#[test]
+fn quic_migration_off_without_steering() {
+    let backend = Backend::start("b");
+    let routes = routes_yaml(&[("app", "Host(`t`)", &backend.url())]);
+    let edge = Edge::start(
+        "quic-steering-off",
+        &routes,
+        &["--steering", "off", "--workers", "2"],
+    );
+    edge.expect_metric(
+        r#"edge_ebpf_program_state{program="quic_steering",state="off",detail=""} 1"#,
+    );
+    edge.expect_log("HTTP/3 connection migration off", Duration::from_secs(5));
+
+    // One worker owns every QUIC connection, so migration needs no steering.
+    let single = Edge::start(
+        "quic-one-worker",
+        &routes,
+        &["--steering", "off", "--workers", "1"],
+    );
+    single.expect_log(
+        "HTTP/3 connection migration on: one worker",
+        Duration::from_secs(5),
+    );
+}

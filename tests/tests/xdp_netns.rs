@@ -1,7 +1,7 @@
 //! The XDP filter and SO_REUSEPORT steering on a real veth pair between two network namespaces
-//! that the test creates. The edge (demo routes) runs in one namespace. curl and a bounded SYN
-//! flood run in the other from two addresses, and `edgectl` blocks and unblocks through the
-//! agent.
+//! that the test creates. The edge (demo routes) runs in one namespace. curl, a bounded SYN
+//! flood and a quinn HTTP/3 client run in the other from two addresses, and `edgectl` blocks
+//! and unblocks through the agent.
 //!
 //! Needs root, iproute2, nsenter, curl, python3 and an edge built with its eBPF object.
 //! `cargo xtask test` provides them and sets `EDGE_E2E_BPF=1`; without it the test prints that
@@ -9,6 +9,7 @@
 
 use std::{
     io::{BufRead, BufReader},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
     sync::{
@@ -21,8 +22,11 @@ use std::{
 
 use edge_ebpf::{user::PinnedMaps, Limits};
 
+#[path = "support/quic.rs"]
+mod quic;
 mod support;
 
+use quic::{in_netns, H3Client};
 use support::binary;
 
 const EDGE_ADDR: &str = "10.211.0.1";
@@ -42,6 +46,19 @@ const LIMITS: Limits = Limits {
     abuse_burst: 0,
     abuse_block_secs: 0,
 };
+/// Limits of the HTTP/3 labs: their clients open many QUIC connections from one address, more
+/// than the usual Initial bucket allows.
+const QUIC_LIMITS: Limits = Limits {
+    quic_rate: 10_000,
+    quic_burst: 10_000,
+    ..LIMITS
+};
+/// Workers of the HTTP/3 labs. With four, a datagram that the kernel places by its own hash
+/// reaches a given worker with probability 1/4.
+const QUIC_WORKERS: u32 = 4;
+/// Rebinds of the client in the migration tests. Without steering by connection ID, all of
+/// them reach the owning worker with probability (1/4)^12, about 6e-8.
+const REBINDS: usize = 12;
 
 /// Serialises the tests: each runs an edge with two workers, and two cores do not run several
 /// labs and a flood well.
@@ -86,6 +103,7 @@ struct Lab {
     agent: Option<Child>,
     edge_logs: Arc<Mutex<Vec<String>>>,
     steering: String,
+    workers: u32,
     agent_args: Vec<String>,
     limits: Limits,
 }
@@ -97,6 +115,21 @@ impl Lab {
 
     /// Starts a lab whose agent gets `agent_args` and is expected to write `limits`.
     fn start_with(name: &str, steering: &str, agent_args: &[&str], limits: Limits) -> Lab {
+        Self::start_workers(name, steering, 2, agent_args, limits)
+    }
+
+    /// Starts a lab for the HTTP/3 tests: [`QUIC_WORKERS`] workers and [`QUIC_LIMITS`].
+    fn start_quic(name: &str, steering: &str) -> Lab {
+        Self::start_workers(name, steering, QUIC_WORKERS, &[], QUIC_LIMITS)
+    }
+
+    fn start_workers(
+        name: &str,
+        steering: &str,
+        workers: u32,
+        agent_args: &[&str],
+        limits: Limits,
+    ) -> Lab {
         let id = std::process::id() % 10_000 * 10 + NEXT_LAB.fetch_add(1, Ordering::Relaxed) % 10;
         let mut lab = Lab {
             edge_ns: format!("edge-{name}-e{id}"),
@@ -108,6 +141,7 @@ impl Lab {
             agent: None,
             edge_logs: Arc::default(),
             steering: steering.to_owned(),
+            workers,
             agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
             limits,
         };
@@ -191,7 +225,7 @@ impl Lab {
             .args(["--admin-addr", ADMIN])
             .args(["--xdp-iface", &self.edge_iface])
             .args(["--steering", &self.steering])
-            .args(["--workers", "2"])
+            .args(["--workers", &self.workers.to_string()])
             .arg("--bpf-pin-dir")
             .arg(&self.pin_dir)
             .args(["--log-format", "json", "--access-log", "false"])
@@ -220,10 +254,10 @@ impl Lab {
             .args(["--docker", "false", "--log-format", "text"])
             .arg("--bpf-pin-dir")
             .arg(&self.pin_dir)
-            .args(["--syn-rate", &LIMITS.syn_rate.to_string()])
-            .args(["--syn-burst", &LIMITS.syn_burst.to_string()])
-            .args(["--quic-rate", &LIMITS.quic_rate.to_string()])
-            .args(["--quic-burst", &LIMITS.quic_burst.to_string()])
+            .args(["--syn-rate", &self.limits.syn_rate.to_string()])
+            .args(["--syn-burst", &self.limits.syn_burst.to_string()])
+            .args(["--quic-rate", &self.limits.quic_rate.to_string()])
+            .args(["--quic-burst", &self.limits.quic_burst.to_string()])
             .args(&self.agent_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -252,7 +286,7 @@ impl Lab {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let metrics = self.metrics();
-            if metrics.contains("edge_workers_ready 2") {
+            if metrics.contains(&format!("edge_workers_ready {}\n", self.workers)) {
                 assert!(
                     metrics.contains(r#"edge_ebpf_program_state{program="xdp",state="running""#),
                     "XDP filter not running:\n{}\nedge logs:\n{}",
@@ -299,6 +333,14 @@ impl Lab {
         let url = format!("http://{ADMIN}/metrics");
         let output = self.in_ns(&self.edge_ns, "curl", &["-s", "--max-time", "2", &url]);
         String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn log_contains(&self, text: &str) -> bool {
+        self.edge_logs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.contains(text))
     }
 
     fn counter(&self, name_and_labels: &str) -> u64 {
@@ -617,5 +659,239 @@ fn malformed_flood_blocks_sender() {
     assert!(line.ends_with("auto"), "{line}");
 }
 
-// TODO: QUIC steering by connection ID (a migrated connection keeps its worker) is tested
-// here once the edge serves HTTP/3.
+/// Returns the edge's HTTPS address, where HTTP/3 listens over UDP.
+fn quic_server() -> SocketAddr {
+    SocketAddr::new(EDGE_ADDR.parse().unwrap(), 8443)
+}
+
+/// What the migration scenario saw: the status of the request before any rebind, then the
+/// outcome of the request after each rebind, up to the first failure.
+struct Migration {
+    first: Result<u16, String>,
+    after_rebinds: Vec<Result<u16, String>>,
+}
+
+/// Opens one HTTP/3 connection from the quiet client, makes a request, then moves the
+/// connection to a new UDP port [`REBINDS`] times with a request after each. Stops at the
+/// first failed request, because the connection is lost then.
+fn migrate_connection(lab: &Lab) -> Migration {
+    in_netns(&lab.client_ns, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let local: IpAddr = QUIET.parse().unwrap();
+            let mut client = match H3Client::connect(local, quic_server()).await {
+                Ok(client) => client,
+                Err(e) => {
+                    return Migration {
+                        first: Err(e),
+                        after_rebinds: Vec::new(),
+                    }
+                }
+            };
+            let first = client.get("/hello").await;
+            let mut after_rebinds = Vec::new();
+            for _ in 0..REBINDS {
+                let outcome = match client.rebind() {
+                    Ok(_) => client.get("/hello").await,
+                    Err(e) => Err(e),
+                };
+                let failed = outcome.is_err();
+                after_rebinds.push(outcome);
+                if failed {
+                    break;
+                }
+            }
+            client.close().await;
+            Migration {
+                first,
+                after_rebinds,
+            }
+        })
+    })
+}
+
+/// Removes every socket from the QUIC socket array of the edge process `pid`. The selector then
+/// finds no worker for any datagram and leaves the choice to the kernel, as if it were absent,
+/// while the edge keeps connection migration on.
+fn empty_quic_socket_array(pid: u32) {
+    let mut emptied = false;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+        let Ok(info) = std::fs::read_to_string(entry.unwrap().path()) else {
+            continue;
+        };
+        let Some(map_id) = info
+            .lines()
+            .find_map(|line| line.strip_prefix("map_id:"))
+            .and_then(|id| id.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(map_info) = aya::maps::MapInfo::from_id(map_id) else {
+            continue;
+        };
+        if map_info.name_as_str() != Some(edge_ebpf::MAP_SOCKS_QUIC) {
+            continue;
+        }
+        let data = aya::maps::MapData::from_id(map_id).unwrap();
+        let mut sockets =
+            aya::maps::ReusePortSockArray::try_from(aya::maps::Map::ReusePortSockArray(data))
+                .unwrap();
+        for worker in 0..QUIC_WORKERS {
+            sockets.clear_index(&worker).unwrap();
+        }
+        emptied = true;
+    }
+    assert!(emptied, "the edge (pid {pid}) has no QUIC socket array");
+}
+
+#[test]
+fn quic_connections_spread_over_workers() {
+    if !bpf_enabled() {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = Lab::start_quic("qspread", "hash");
+    assert!(
+        lab.metrics()
+            .contains(r#"edge_ebpf_program_state{program="quic_steering",state="running""#),
+        "QUIC steering not running; edge logs:\n{}",
+        lab.edge_logs.lock().unwrap().join("\n")
+    );
+
+    // Each connection comes from a new port, so the flow hash places its Initial anew. With
+    // 64 connections, the chance that one of four workers gets none is 4 * (3/4)^64, about 4e-8.
+    const CONNECTIONS: usize = 64;
+    let statuses = in_netns(&lab.client_ns, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let local: IpAddr = QUIET.parse().unwrap();
+            let mut statuses = Vec::new();
+            for _ in 0..CONNECTIONS {
+                let status = match H3Client::connect(local, quic_server()).await {
+                    Ok(mut client) => {
+                        let status = client.get("/hello").await;
+                        client.close().await;
+                        status
+                    }
+                    Err(e) => Err(e),
+                };
+                statuses.push(status);
+            }
+            statuses
+        })
+    });
+    for (i, status) in statuses.iter().enumerate() {
+        assert_eq!(status, &Ok(200), "HTTP/3 request on connection {i}");
+    }
+    for worker in 0..QUIC_WORKERS {
+        let accepted = lab.counter(&format!(
+            "edge_worker_quic_connections_total{{worker=\"{worker}\"}}"
+        ));
+        assert!(accepted > 0, "worker {worker} accepted no QUIC connection");
+    }
+    // quinn 0.11 clients choose 20-byte Initial IDs, so every first Initial goes by the hash, and
+    // the handshake's later datagrams carry the edge's IDs.
+    let by_hash = lab.counter(r#"edge_xdp_packets_total{reason="steer_quic_hash"}"#);
+    assert!(
+        by_hash >= CONNECTIONS as u64,
+        "only {by_hash} datagrams steered by hash"
+    );
+    let by_id = lab.counter(r#"edge_xdp_packets_total{reason="steer_quic_cid"}"#);
+    assert!(
+        by_id >= CONNECTIONS as u64,
+        "only {by_id} datagrams steered by connection ID"
+    );
+}
+
+#[test]
+fn quic_migration_keeps_worker() {
+    if !bpf_enabled() {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = Lab::start_quic("qmigrate", "hash");
+    assert!(
+        lab.log_contains("HTTP/3 connection migration on"),
+        "migration not turned on; edge logs:\n{}",
+        lab.edge_logs.lock().unwrap().join("\n")
+    );
+    let migration = migrate_connection(&lab);
+    assert_eq!(migration.first, Ok(200), "request before any rebind");
+    assert_eq!(migration.after_rebinds.len(), REBINDS, "rebinds attempted");
+    for (i, outcome) in migration.after_rebinds.iter().enumerate() {
+        assert_eq!(outcome, &Ok(200), "request after rebind {}", i + 1);
+    }
+}
+
+/// The control for `quic_migration_keeps_worker`: the same edge and client, but the selector
+/// finds no worker socket, so the kernel places each new client port by its own hash.
+#[test]
+fn quic_migration_fails_without_cid_steering() {
+    if !bpf_enabled() {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = Lab::start_quic("qcontrol", "hash");
+    let pid = lab.edge.as_ref().unwrap().id();
+    empty_quic_socket_array(pid);
+    let left_to_kernel = lab.counter(r#"edge_xdp_packets_total{reason="steer_quic_default"}"#);
+
+    let migration = migrate_connection(&lab);
+    assert_eq!(
+        migration.first,
+        Ok(200),
+        "request before any rebind (the kernel's hash keeps one 4-tuple on one worker)"
+    );
+    let failures = migration
+        .after_rebinds
+        .iter()
+        .filter(|outcome| outcome.is_err())
+        .count();
+    assert!(
+        failures >= 1,
+        "all {REBINDS} rebinds reached the owning worker without steering by connection ID"
+    );
+    let after = lab.counter(r#"edge_xdp_packets_total{reason="steer_quic_default"}"#);
+    assert!(after > left_to_kernel, "no datagram was left to the kernel");
+}
+
+#[test]
+fn quic_steering_off_keeps_migration_off() {
+    if !bpf_enabled() {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = Lab::start_quic("qoff", "off");
+    assert!(
+        lab.metrics()
+            .contains(r#"edge_ebpf_program_state{program="quic_steering",state="off""#),
+        "QUIC steering not reported off"
+    );
+    assert!(
+        lab.log_contains("HTTP/3 connection migration off"),
+        "migration not reported off; edge logs:\n{}",
+        lab.edge_logs.lock().unwrap().join("\n")
+    );
+    let migration = migrate_connection(&lab);
+    assert_eq!(migration.first, Ok(200), "request before any rebind");
+    // quinn drops datagrams from a new address while migration is off, even on the owning
+    // worker, so the first rebind already loses the connection.
+    assert!(
+        migration.after_rebinds[0].is_err(),
+        "a rebind succeeded with migration off"
+    );
+}

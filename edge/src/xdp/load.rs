@@ -332,9 +332,6 @@ pub fn attach_steering(
             0,
         )?;
     }
-    // TODO: once HTTP/3 listens, its UDP sockets need a third socket array and a selector that
-    // reads the worker id from the QUIC destination connection ID; until then a migrated QUIC
-    // connection could land on another worker.
     for (name, group) in [
         (edge_ebpf::PROGRAM_STEER_HTTP, listeners.http),
         (edge_ebpf::PROGRAM_STEER_HTTPS, listeners.https),
@@ -353,4 +350,47 @@ pub fn attach_steering(
         }
     }
     Ok(label)
+}
+
+/// Fills the QUIC socket array with the workers' UDP sockets and attaches the QUIC selector
+/// to their SO_REUSEPORT group. Runs after [`attach_steering`], which writes the number of
+/// workers that the selector's hash fallback uses.
+///
+/// # Errors
+/// Fails when there are fewer UDP sockets than workers, or a map update, the program load or
+/// the attach fails.
+pub fn attach_quic_steering(ebpf: &mut Ebpf, listeners: &ListenerGroups<'_>) -> anyhow::Result<()> {
+    let workers = listeners.http.len().min(listeners.https.len());
+    if listeners.quic.len() < workers {
+        bail!(
+            "only {} HTTP/3 sockets for {workers} workers, which need one each",
+            listeners.quic.len()
+        );
+    }
+    let map = ebpf
+        .map_mut(edge_ebpf::MAP_SOCKS_QUIC)
+        .with_context(|| format!("the object has no map {}", edge_ebpf::MAP_SOCKS_QUIC))?;
+    let mut sockets: ReusePortSockArray<_> = ReusePortSockArray::try_from(map)?;
+    for (id, socket) in listeners.quic.iter().enumerate().take(workers) {
+        sockets.set(id as u32, socket, 0).with_context(|| {
+            format!(
+                "cannot add worker {id}'s UDP socket to {}",
+                edge_ebpf::MAP_SOCKS_QUIC
+            )
+        })?;
+    }
+    let name = edge_ebpf::PROGRAM_STEER_QUIC;
+    let program: &mut SkReuseport = ebpf
+        .program_mut(name)
+        .with_context(|| format!("the object has no program {name}"))?
+        .try_into()?;
+    program
+        .load()
+        .with_context(|| format!("the kernel rejected {name}"))?;
+    if let Some(first) = listeners.quic.first() {
+        program
+            .attach(first)
+            .with_context(|| format!("cannot attach {name} to the HTTP/3 sockets"))?;
+    }
+    Ok(())
 }

@@ -2,14 +2,18 @@
 //!
 //! At start the edge loads the object built from `edge-ebpf/bpf/edge.bpf.c` (embedded at
 //! build time, or `--bpf-object`), pins the maps that outlive it under `--bpf-pin-dir`,
-//! attaches the XDP filter to `--xdp-iface` and the SO_REUSEPORT selectors to its listeners.
+//! attaches the XDP filter to `--xdp-iface` and the SO_REUSEPORT selectors to its listeners
+//! and its HTTP/3 UDP sockets.
 //! Each part that cannot start (no privilege, no interface, no object) is logged and shown in
 //! `/metrics`, and the edge serves without it. The programs detach when the edge exits,
 //! because the XDP link and the listeners close with the process.
 
 mod load;
 
-use std::{net::TcpListener, path::PathBuf};
+use std::{
+    net::{TcpListener, UdpSocket},
+    path::PathBuf,
+};
 
 use aya::maps::{MapData, PerCpuArray};
 use clap::ValueEnum;
@@ -55,6 +59,8 @@ pub struct KernelOptions {
 pub struct ListenerGroups<'a> {
     pub http: &'a [TcpListener],
     pub https: &'a [TcpListener],
+    /// The HTTP/3 endpoints' UDP sockets; empty when HTTP/3 is off.
+    pub quic: &'a [UdpSocket],
 }
 
 /// State of one kernel program, for logs and metrics.
@@ -85,6 +91,8 @@ pub struct Kernel {
     stats: Option<PerCpuArray<MapData, u64>>,
     pub xdp: ProgramState,
     pub steering: ProgramState,
+    /// The QUIC selector, which routes each datagram by its destination connection ID.
+    pub quic_steering: ProgramState,
 }
 
 impl std::fmt::Debug for Kernel {
@@ -92,6 +100,7 @@ impl std::fmt::Debug for Kernel {
         f.debug_struct("Kernel")
             .field("xdp", &self.xdp)
             .field("steering", &self.steering)
+            .field("quic_steering", &self.quic_steering)
             .finish_non_exhaustive()
     }
 }
@@ -104,7 +113,14 @@ impl Kernel {
             stats: None,
             xdp: ProgramState::Off,
             steering: ProgramState::Off,
+            quic_steering: ProgramState::Off,
         }
+    }
+
+    /// Returns whether every datagram of a QUIC connection reaches the worker that owns it
+    /// even after the client's address changes, which connection migration needs.
+    pub fn steers_quic_by_connection_id(&self) -> bool {
+        matches!(self.quic_steering, ProgramState::Running(_))
     }
 
     /// Loads and attaches the programs that `options` requests. A part that cannot start is
@@ -113,7 +129,7 @@ impl Kernel {
         let wants_xdp = options.xdp_iface.is_some();
         let wants_steering = options.steering != SteeringArg::Off;
         if !wants_xdp && !wants_steering {
-            info!("eBPF programs off: no --xdp-iface and --steering off");
+            info!("eBPF programs off: no --xdp-iface and --steering off; QUIC steering by connection ID is off");
             return Self::off();
         }
         let mut kernel = match load::load(options) {
@@ -133,6 +149,7 @@ impl Kernel {
                     stats: None,
                     xdp: failed(wants_xdp),
                     steering: failed(wants_steering),
+                    quic_steering: failed(wants_steering && !listeners.quic.is_empty()),
                 };
             }
         };
@@ -140,6 +157,7 @@ impl Kernel {
             stats: kernel.stats.take(),
             xdp: ProgramState::Off,
             steering: ProgramState::Off,
+            quic_steering: ProgramState::Off,
             _ebpf: None,
         };
         if let Err(e) = load::write_ports(&mut kernel.ebpf, listeners) {
@@ -177,9 +195,42 @@ impl Kernel {
                     ProgramState::Failed(reason)
                 }
             };
+            this.quic_steering =
+                Self::start_quic_steering(&mut kernel.ebpf, listeners, &this.steering);
+        } else {
+            info!("QUIC steering by connection ID off: --steering off");
         }
         this._ebpf = Some(kernel.ebpf);
         this
+    }
+
+    /// Attaches the QUIC selector when HTTP/3 is on and the TCP steering, which writes the
+    /// settings it shares, is running.
+    fn start_quic_steering(
+        ebpf: &mut aya::Ebpf,
+        listeners: &ListenerGroups<'_>,
+        steering: &ProgramState,
+    ) -> ProgramState {
+        if listeners.quic.is_empty() {
+            info!("QUIC steering by connection ID off: HTTP/3 is off");
+            return ProgramState::Off;
+        }
+        if let ProgramState::Failed(reason) = steering {
+            let reason = format!("SO_REUSEPORT steering failed: {reason}");
+            warn!(error = %reason, "running without QUIC steering by connection ID");
+            return ProgramState::Failed(reason);
+        }
+        match load::attach_quic_steering(ebpf, listeners) {
+            Ok(()) => {
+                info!("QUIC steering by connection ID attached to the HTTP/3 sockets");
+                ProgramState::Running("connection_id".to_owned())
+            }
+            Err(e) => {
+                let reason = format!("{e:#}");
+                warn!(error = %reason, "running without QUIC steering by connection ID");
+                ProgramState::Failed(reason)
+            }
+        }
     }
 
     /// Appends the programs' state and counters in the Prometheus text format.
@@ -188,7 +239,11 @@ impl Kernel {
 
         out.push_str("# HELP edge_ebpf_program_state State of a kernel program (1 for the current state); `detail` gives the mode or the reason it is not running.\n");
         out.push_str("# TYPE edge_ebpf_program_state gauge\n");
-        for (program, state) in [("xdp", &self.xdp), ("steering", &self.steering)] {
+        for (program, state) in [
+            ("xdp", &self.xdp),
+            ("steering", &self.steering),
+            ("quic_steering", &self.quic_steering),
+        ] {
             let (name, detail) = state.label();
             let _ = writeln!(
                 out,
@@ -206,7 +261,7 @@ impl Kernel {
                 return;
             }
         };
-        out.push_str("# HELP edge_xdp_packets_total Packets seen by the XDP filter and connections seen by the SO_REUSEPORT selectors, by decision.\n");
+        out.push_str("# HELP edge_xdp_packets_total Packets seen by the XDP filter, connections seen by the TCP SO_REUSEPORT selectors and datagrams seen by the QUIC selector, by decision.\n");
         out.push_str("# TYPE edge_xdp_packets_total counter\n");
         for (index, reason) in edge_ebpf::STAT_REASONS {
             let value = values.get(index as usize).copied().unwrap_or(0);
