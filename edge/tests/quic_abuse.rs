@@ -282,7 +282,9 @@ fn retry_token_bound_to_address() {
         "the edge sent {} bytes to the replaying address",
         total_len(&rejected)
     );
-    let close = rejected.first().expect("the edge responds to a replayed token");
+    let close = rejected
+        .first()
+        .expect("the edge responds to a replayed token");
     if let Some(DatagramEvent::ConnectionEvent(_, event)) = client.handle(
         Instant::now(),
         server,
