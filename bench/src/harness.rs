@@ -275,6 +275,7 @@ fn run_in(options: &Options, dir: &Path, interrupted: &Arc<AtomicBool>) -> anyho
         fixed_rate_per_s: 0.0,
         fixed_rate_basis: String::new(),
         fixed_rate_from: None,
+        scenarios: options.scenarios.clone(),
         request_timeout_s: options.request_timeout.as_secs_f64(),
         workers,
     };

@@ -35,9 +35,13 @@ pub fn render_markdown(results: &RunResults, plots: &PlotFiles<'_>) -> String {
         plots.latency, plots.throughput
     );
     for scenario in Scenario::CLOSED_LOOP {
-        render_closed_loop(&mut out, results, scenario);
+        if results.settings.selects(scenario) {
+            render_closed_loop(&mut out, results, scenario);
+        }
     }
-    render_fixed_rate(&mut out, results);
+    if results.settings.selects(Scenario::FixedRate) {
+        render_fixed_rate(&mut out, results);
+    }
     render_memory(&mut out, results);
     render_targets(&mut out, results);
     render_errors(&mut out, results);
@@ -65,6 +69,15 @@ fn render_facts(out: &mut String, results: &RunResults) {
                 trim_float(settings.warmup_s),
                 trim_float(settings.duration_s)
             ),
+        ],
+        vec![
+            "scenarios".to_owned(),
+            if settings.scenarios.is_empty() {
+                "all".to_owned()
+            } else {
+                let labels: Vec<&str> = settings.scenarios.iter().map(|s| s.label()).collect();
+                format!("only {} (--scenarios)", labels.join(", "))
+            },
         ],
         vec![
             "workers".to_owned(),
@@ -333,10 +346,12 @@ impl Goal {
         }
     }
 
-    fn describe(self) -> String {
+    /// Describes the goal with `unit` after the bound, except for the ratio sign `×`.
+    fn describe(self, unit: &str) -> String {
+        let unit = if unit == "×" { "" } else { unit };
         match self {
-            Self::AtLeast(bound) => format!("≥ {bound}"),
-            Self::Below(bound) => format!("< {bound}"),
+            Self::AtLeast(bound) => format!("≥ {bound}{unit}"),
+            Self::Below(bound) => format!("< {bound}{unit}"),
         }
     }
 }
@@ -410,7 +425,12 @@ fn render_targets(out: &mut String, results: &RunResults) {
                 Verdict::NotMeasured(reason) => format!("not measured: {reason}"),
                 Verdict::NotComparable(reason) => format!("no verdict: {reason}"),
             };
-            vec![check.name.clone(), check.goal.describe(), measured, verdict]
+            vec![
+                check.name.clone(),
+                check.goal.describe(check.unit),
+                measured,
+                verdict,
+            ]
         })
         .collect();
     out.push_str(&render_table(&["check", "goal", "measured", "met"], &rows));
@@ -828,6 +848,7 @@ mod tests {
                 fixed_rate_per_s: 1000.0,
                 fixed_rate_basis: "set with --fixed-rate".to_owned(),
                 fixed_rate_from: None,
+                scenarios: Vec::new(),
                 request_timeout_s: 2.0,
                 workers: 1,
             },
@@ -1146,6 +1167,29 @@ mod tests {
         );
         assert!(
             markdown.contains("- nginx skipped HTTP/3: nginx 1.22 has no HTTP/3"),
+            "{markdown}"
+        );
+    }
+
+    #[test]
+    fn markdown_omits_unselected_scenarios() {
+        let mut results = sample_results();
+        results.settings.scenarios = vec![Scenario::KeepAlive];
+        let markdown = render_markdown(
+            &results,
+            &PlotFiles {
+                latency: "l.svg",
+                throughput: "t.svg",
+            },
+        );
+        assert!(
+            markdown.contains("## HTTP/1.1 keep-alive, closed loop"),
+            "{markdown}"
+        );
+        assert!(!markdown.contains("## HTTP/3"), "{markdown}");
+        assert!(!markdown.contains("open loop"), "{markdown}");
+        assert!(
+            markdown.contains("| RSS per idle keep-alive TLS connection, edge | < 16 KiB | – |"),
             "{markdown}"
         );
     }

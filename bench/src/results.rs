@@ -121,8 +121,18 @@ pub struct Settings {
     /// when the rate was set by hand or no closed-loop rate was measured.
     #[serde(default)]
     pub fixed_rate_from: Option<String>,
+    /// Scenarios selected with `--scenarios`; empty when every scenario ran.
+    #[serde(default)]
+    pub scenarios: Vec<Scenario>,
     pub request_timeout_s: f64,
     pub workers: usize,
+}
+
+impl Settings {
+    /// Returns whether the run measured `scenario`.
+    pub fn selects(&self, scenario: Scenario) -> bool {
+        self.scenarios.is_empty() || self.scenarios.contains(&scenario)
+    }
 }
 
 /// One target: a proxy, or the direct path.
