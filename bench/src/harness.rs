@@ -120,7 +120,8 @@ impl Options {
 
     fn duration(&self) -> Duration {
         // The durations keep a run with every proxy under 3 minutes (quick) and under 20
-        // minutes (full) on a 2-CPU machine: about 60 cells per quick run and 150 per full run.
+        // minutes (full) on a 2-CPU machine, by an estimate: about 60 cells per quick run and
+        // 150 per full run, each taking its warm-up and window plus about 0.3 s.
         self.duration.unwrap_or(if self.quick {
             Duration::from_millis(1750)
         } else {
@@ -475,7 +476,7 @@ fn try_start_proxy(
     Ok(())
 }
 
-/// Checks that `https` answers an HTTP/3 request over UDP with status 200. A proxy can open
+/// Checks that `https` returns status 200 for an HTTP/3 request over UDP. A proxy can open
 /// its UDP socket a little after its TCP listeners, so a failed probe is retried.
 fn probe_h3(https: SocketAddr) -> Result<(), String> {
     let mut last = String::new();

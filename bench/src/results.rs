@@ -117,8 +117,8 @@ pub struct Settings {
     pub fixed_rate_per_s: f64,
     /// Description of how the fixed rate was chosen.
     pub fixed_rate_basis: String,
-    /// Target whose median closed-loop HTTP/1.1 rate was halved to get the fixed rate; `None`
-    /// when the rate was set by hand or no closed-loop rate was measured.
+    /// Target whose median closed-loop HTTP/1.1 rate was halved to get the fixed rate. It is
+    /// `None` when the rate was set by hand or no closed-loop rate was measured.
     #[serde(default)]
     pub fixed_rate_from: Option<String>,
     /// Scenarios selected with `--scenarios`; empty when every scenario ran.
