@@ -42,6 +42,9 @@ const RSS_SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
 /// Connections opened at once while setting up idle connections.
 const IDLE_OPEN_CONCURRENCY: usize = 32;
 
+/// HTTP/3 probes of a proxy before its HTTP/3 scenario is skipped.
+const H3_PROBE_ATTEMPTS: usize = 3;
+
 /// Pause between two cells, so that connections of the previous one are closed.
 const CELL_PAUSE: Duration = Duration::from_millis(100);
 
@@ -71,6 +74,12 @@ pub struct Options {
     pub h2_connections: usize,
     /// Concurrent streams on each HTTP/2 connection.
     pub h2_streams: usize,
+    /// Connections of the HTTP/3 scenario.
+    pub h3_connections: usize,
+    /// Concurrent streams on each HTTP/3 connection.
+    pub h3_streams: usize,
+    /// Scenarios to measure; every one when empty.
+    pub scenarios: Vec<Scenario>,
     /// Requests per second of the fixed-rate scenario; by default half of nginx's median
     /// closed-loop HTTP/1.1 rate.
     pub fixed_rate: Option<f64>,
@@ -87,6 +96,11 @@ pub struct Options {
 }
 
 impl Options {
+    /// Returns whether `scenario` is selected.
+    fn selects(&self, scenario: Scenario) -> bool {
+        self.scenarios.is_empty() || self.scenarios.contains(&scenario)
+    }
+
     fn rounds(&self) -> usize {
         self.rounds.unwrap_or(if self.quick { 2 } else { 5 }).max(1)
     }
@@ -105,10 +119,13 @@ impl Options {
     }
 
     fn duration(&self) -> Duration {
+        // The durations keep a run with every proxy under 3 minutes (quick) and under 20
+        // minutes (full) on a 2-CPU machine, by an estimate: about 60 cells per quick run and
+        // 150 per full run, each taking its warm-up and window plus about 0.3 s.
         self.duration.unwrap_or(if self.quick {
-            Duration::from_secs(2)
+            Duration::from_millis(1750)
         } else {
-            Duration::from_secs(6)
+            Duration::from_secs(5)
         })
     }
 }
@@ -214,6 +231,7 @@ fn run_in(options: &Options, dir: &Path, interrupted: &Arc<AtomicBool>) -> anyho
             idle_rss_kib: None,
             skipped: None,
             h2_skipped: None,
+            h3_skipped: None,
             idle_tls: None,
         },
         http: backend.addr,
@@ -253,8 +271,12 @@ fn run_in(options: &Options, dir: &Path, interrupted: &Arc<AtomicBool>) -> anyho
         fixed_rate_connections: options.fixed_rate_connections,
         h2_connections: options.h2_connections,
         h2_streams: options.h2_streams,
+        h3_connections: options.h3_connections,
+        h3_streams: options.h3_streams,
         fixed_rate_per_s: 0.0,
         fixed_rate_basis: String::new(),
+        fixed_rate_from: None,
+        scenarios: options.scenarios.clone(),
         request_timeout_s: options.request_timeout.as_secs_f64(),
         workers,
     };
@@ -264,12 +286,15 @@ fn run_in(options: &Options, dir: &Path, interrupted: &Arc<AtomicBool>) -> anyho
         ticks: ClockTicks::detect(),
         proxy_cpus: workers,
         client_cpus,
-        progress: Progress::new(total_cells(&targets, options.rounds())),
+        progress: Progress::new(total_cells(&targets, options, options.rounds())),
         cells: Vec::new(),
     };
 
     for round in 1..=options.rounds() {
         for scenario in Scenario::CLOSED_LOOP {
+            if !options.selects(scenario) {
+                continue;
+            }
             for index in round_order(targets.len(), round) {
                 if targets[index].runs(scenario) {
                     session.measure(&targets[index], scenario, round, None)?;
@@ -278,11 +303,18 @@ fn run_in(options: &Options, dir: &Path, interrupted: &Arc<AtomicBool>) -> anyho
         }
     }
 
-    let (rate, basis) = fixed_rate(options, &session.cells);
-    for round in 1..=options.rounds() {
-        for index in round_order(targets.len(), round) {
-            if targets[index].runs(Scenario::FixedRate) {
-                session.measure(&targets[index], Scenario::FixedRate, round, Some(rate))?;
+    let fixed = fixed_rate(options, &session.cells);
+    if options.selects(Scenario::FixedRate) {
+        for round in 1..=options.rounds() {
+            for index in round_order(targets.len(), round) {
+                if targets[index].runs(Scenario::FixedRate) {
+                    session.measure(
+                        &targets[index],
+                        Scenario::FixedRate,
+                        round,
+                        Some(fixed.rate_per_s),
+                    )?;
+                }
             }
         }
     }
@@ -299,8 +331,9 @@ fn run_in(options: &Options, dir: &Path, interrupted: &Arc<AtomicBool>) -> anyho
         wall_time_s: started.elapsed().as_secs_f64(),
         host: host_info(allowed.len(), pinning),
         settings: Settings {
-            fixed_rate_per_s: rate,
-            fixed_rate_basis: basis,
+            fixed_rate_per_s: fixed.rate_per_s,
+            fixed_rate_basis: fixed.basis,
+            fixed_rate_from: fixed.from,
             ..settings_base
         },
         targets: targets.into_iter().map(|t| t.info).collect(),
@@ -319,9 +352,12 @@ struct Target {
 
 impl Target {
     fn runs(&self, scenario: Scenario) -> bool {
-        if self.info.skipped.is_some()
-            || (scenario.protocol() == Protocol::Http2 && self.info.h2_skipped.is_some())
-        {
+        let protocol_skipped = match scenario.protocol() {
+            Protocol::Http2 => self.info.h2_skipped.is_some(),
+            Protocol::Http3 => self.info.h3_skipped.is_some(),
+            Protocol::Http1 | Protocol::Http1Tls => false,
+        };
+        if self.info.skipped.is_some() || protocol_skipped {
             return false;
         }
         scenario.protocol() == Protocol::Http1 || self.https.is_some()
@@ -341,10 +377,11 @@ fn round_order(len: usize, round: usize) -> Vec<usize> {
     (0..len).map(|i| (i + round - 1) % len).collect()
 }
 
-fn total_cells(targets: &[Target], rounds: usize) -> usize {
-    let per_round: usize = Scenario::CLOSED_LOOP
+/// Returns the number of cells the run measures, for the progress bar.
+fn total_cells(targets: &[Target], options: &Options, rounds: usize) -> usize {
+    let per_round: usize = Scenario::ALL
         .into_iter()
-        .chain([Scenario::FixedRate])
+        .filter(|&s| options.selects(s))
         .map(|s| targets.iter().filter(|t| t.runs(s)).count())
         .sum();
     per_round * rounds
@@ -364,6 +401,7 @@ fn start_proxy(
             idle_rss_kib: None,
             skipped: None,
             h2_skipped: None,
+            h3_skipped: None,
             idle_tls: None,
         },
         http: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -419,13 +457,40 @@ fn try_start_proxy(
     target.process = Some(process);
     ready?;
     if let Some(https) = target.https {
-        // A proxy without HTTP/2 on its TLS listener skips that scenario only.
+        // A proxy without HTTP/2 or HTTP/3 on its TLS port skips that scenario only.
         if let Err(reason) = probe_h2(https) {
             eprintln!("bench: {kind} skips {}: {reason}", Scenario::TlsHttp2);
             target.info.h2_skipped = Some(reason);
         }
+        if options.selects(Scenario::Http3) {
+            let support = match kind.http3_unsupported() {
+                Some(reason) => Err(reason.to_owned()),
+                None => probe_h3(https),
+            };
+            if let Err(reason) = support {
+                eprintln!("bench: {kind} skips {}: {reason}", Scenario::Http3);
+                target.info.h3_skipped = Some(reason);
+            }
+        }
     }
     Ok(())
+}
+
+/// Checks that `https` returns status 200 for an HTTP/3 request over UDP. A proxy can open
+/// its UDP socket a little after its TCP listeners, so a failed probe is retried.
+fn probe_h3(https: SocketAddr) -> Result<(), String> {
+    let mut last = String::new();
+    for attempt in 0..H3_PROBE_ATTEMPTS {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        match load::probe(https, ROUTE_HOST, Protocol::Http3, Duration::from_secs(2)) {
+            Ok(200) => return Ok(()),
+            Ok(status) => return Err(format!("HTTP/3 request answered status {status}")),
+            Err(e) => last = format!("no HTTP/3 response on UDP port {}: {e:#}", https.port()),
+        }
+    }
+    Err(last)
 }
 
 /// Checks that `https` selects `h2` and returns status 200 for an HTTP/2 request.
@@ -537,6 +602,10 @@ impl Session<'_> {
             Scenario::TlsHttp2 => {
                 streams = options.h2_streams;
                 (Mode::Closed, options.h2_connections)
+            }
+            Scenario::Http3 => {
+                streams = options.h3_streams;
+                (Mode::Closed, options.h3_connections)
             }
             Scenario::TlsHandshake => (Mode::NewConnection, options.handshake_connections),
             Scenario::FixedRate => (
@@ -684,10 +753,24 @@ fn measure_idle_tls(
     Ok(())
 }
 
-/// Chooses the rate of the fixed-rate scenario and describes how it was chosen.
-fn fixed_rate(options: &Options, cells: &[Cell]) -> (f64, String) {
+/// The rate of the fixed-rate scenario and how it was chosen.
+#[derive(Debug, Clone, PartialEq)]
+struct FixedRate {
+    rate_per_s: f64,
+    basis: String,
+    /// Target whose closed-loop rate was halved.
+    from: Option<String>,
+}
+
+/// Chooses the rate of the fixed-rate scenario: `--fixed-rate`, or else half of the median
+/// closed-loop HTTP/1.1 rate of nginx, the edge or the direct path, the first one measured.
+fn fixed_rate(options: &Options, cells: &[Cell]) -> FixedRate {
     if let Some(rate) = options.fixed_rate {
-        return (rate, "set with --fixed-rate".to_owned());
+        return FixedRate {
+            rate_per_s: rate,
+            basis: "set with --fixed-rate".to_owned(),
+            from: None,
+        };
     }
     for name in [ProxyKind::Nginx.name(), ProxyKind::Edge.name(), DIRECT] {
         let rates: Vec<f64> = cells
@@ -697,21 +780,22 @@ fn fixed_rate(options: &Options, cells: &[Cell]) -> (f64, String) {
             .collect();
         if let Some(spread) = crate::results::Spread::of(&rates) {
             if spread.median > 0.0 {
-                let rate = (spread.median / 2.0).round().max(1.0);
-                return (
-                    rate,
-                    format!(
+                return FixedRate {
+                    rate_per_s: (spread.median / 2.0).round().max(1.0),
+                    basis: format!(
                         "half of {name}'s median closed-loop HTTP/1.1 keep-alive rate ({} req/s) in this run",
                         report::thousands(spread.median)
                     ),
-                );
+                    from: Some(name.to_owned()),
+                };
             }
         }
     }
-    (
-        1000.0,
-        "1,000 req/s, because no closed-loop rate was measured".to_owned(),
-    )
+    FixedRate {
+        rate_per_s: 1000.0,
+        basis: "1,000 req/s, because no closed-loop rate was measured".to_owned(),
+        from: None,
+    }
 }
 
 fn sleep_checked(duration: Duration, interrupted: &AtomicBool) -> anyhow::Result<()> {

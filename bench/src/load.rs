@@ -1,6 +1,6 @@
 //! The load generator: closed-loop, open-loop and new-connection-per-request runs of HTTP/1.1
-//! GET requests, plain or over TLS, and closed-loop runs of HTTP/2 over TLS with many streams
-//! per connection, on one current-thread tokio runtime per thread.
+//! GET requests, plain or over TLS, and closed-loop runs of HTTP/2 over TLS and of HTTP/3 over
+//! QUIC with many streams per connection, on one current-thread tokio runtime per thread.
 //!
 //! Every run is bounded: connections stop sending at the end of the window, and a request in
 //! flight then is abandoned after the request timeout.
@@ -27,6 +27,8 @@ use tokio::{
     net::TcpStream,
 };
 use tokio_rustls::{client::TlsStream, TlsConnector};
+
+mod http3;
 
 use crate::{
     response::{frame_response, Framing, ResponseHead},
@@ -59,17 +61,13 @@ pub enum Protocol {
     #[value(name = "h2")]
     #[serde(rename = "h2")]
     Http2,
-    /// HTTP/3 over QUIC, not supported yet.
+    /// HTTP/3 over QUIC (ALPN `h3`), closed loop only.
     #[value(name = "h3")]
     #[serde(rename = "h3")]
     Http3,
 }
 
 impl Protocol {
-    fn uses_tls(self) -> bool {
-        !matches!(self, Self::Http1)
-    }
-
     /// Returns the only ALPN protocol the client offers.
     fn alpn(self) -> &'static [u8] {
         match self {
@@ -124,7 +122,8 @@ pub struct LoadConfig {
     pub protocol: Protocol,
     pub mode: Mode,
     pub connections: usize,
-    /// Concurrent streams on each connection; HTTP/2 only, HTTP/1.1 uses one per connection.
+    /// Concurrent streams on each connection; HTTP/2 and HTTP/3 only, HTTP/1.1 uses one per
+    /// connection.
     pub streams: usize,
     /// Load-generator threads, each with its own runtime. Connections are spread over them.
     pub threads: usize,
@@ -218,13 +217,10 @@ impl RunningLoad {
 /// a thread cannot be spawned.
 pub fn start(config: &LoadConfig, stop: Arc<AtomicBool>) -> anyhow::Result<RunningLoad> {
     match (config.protocol, config.mode) {
-        (Protocol::Http1 | Protocol::Http1Tls, _) | (Protocol::Http2, Mode::Closed) => {}
-        (Protocol::Http2, mode) => bail!(
+        (Protocol::Http1 | Protocol::Http1Tls, _)
+        | (Protocol::Http2 | Protocol::Http3, Mode::Closed) => {}
+        (Protocol::Http2 | Protocol::Http3, mode) => bail!(
             "{} runs closed loop only; {mode} is not supported by the load generator yet",
-            config.protocol
-        ),
-        (Protocol::Http3, _) => bail!(
-            "{} is not supported by the load generator yet; use h1, h1-tls or h2",
             config.protocol
         ),
     }
@@ -241,16 +237,7 @@ pub fn start(config: &LoadConfig, stop: Arc<AtomicBool>) -> anyhow::Result<Runni
             );
         }
     }
-    let tls = if config.protocol.uses_tls() {
-        let server_name = ServerName::try_from(config.host.clone())
-            .with_context(|| format!("invalid TLS server name {:?}", config.host))?;
-        Some((
-            TlsConnector::from(crate::tls::client_config(config.protocol.alpn())?),
-            server_name,
-        ))
-    } else {
-        None
-    };
+    let (tls, quic) = client_tls(config.protocol, &config.host)?;
     let start = Instant::now() + START_DELAY;
     let measure_from = start + config.warmup;
     let window = Window {
@@ -265,6 +252,7 @@ pub fn start(config: &LoadConfig, stop: Arc<AtomicBool>) -> anyhow::Result<Runni
         config: config.clone(),
         window,
         tls,
+        quic,
         stop,
     });
 
@@ -313,7 +301,14 @@ pub fn probe(
         .build()
         .context("building the probe runtime")?;
     let recorder = RefCell::new(Recorder::new());
-    let result = if protocol == Protocol::Http2 {
+    let result = if protocol == Protocol::Http3 {
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async {
+            tokio::time::timeout(timeout, http3::probe(&shared))
+                .await
+                .unwrap_or(Err(ErrorKind::Timeout))
+        })
+    } else if protocol == Protocol::Http2 {
         let local = tokio::task::LocalSet::new();
         local.block_on(&runtime, async {
             let exchange = async {
@@ -365,8 +360,8 @@ impl Drop for IdleConnections {
 /// open and idle until the returned value is dropped.
 ///
 /// # Errors
-/// Fails when the TLS configuration or the thread cannot be set up. Connections that fail
-/// are counted in [`IdleConnections::errors`], not returned as an error.
+/// Fails for protocols other than HTTP/1.1 and when the TLS configuration or the thread
+/// cannot be set up. Connections that fail are counted in [`IdleConnections::errors`], not returned as an error.
 pub fn hold_idle_connections(
     target: SocketAddr,
     host: &str,
@@ -375,6 +370,9 @@ pub fn hold_idle_connections(
     concurrency: usize,
     timeout: Duration,
 ) -> anyhow::Result<IdleConnections> {
+    if !matches!(protocol, Protocol::Http1 | Protocol::Http1Tls) {
+        bail!("idle connections speak HTTP/1.1 only, not {protocol}");
+    }
     let shared = single_connection_shared(target, host, protocol, timeout)?;
     let (opened_tx, opened_rx) = std::sync::mpsc::channel();
     let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
@@ -464,16 +462,7 @@ fn single_connection_shared(
         duration: Duration::ZERO,
         request_timeout: timeout,
     };
-    let tls = if protocol.uses_tls() {
-        let server_name = ServerName::try_from(host.to_owned())
-            .with_context(|| format!("invalid TLS server name {host:?}"))?;
-        Some((
-            TlsConnector::from(crate::tls::client_config(protocol.alpn())?),
-            server_name,
-        ))
-    } else {
-        None
-    };
+    let (tls, quic) = client_tls(protocol, host)?;
     let now = Instant::now();
     Ok(Shared {
         request: request_bytes(host, "/", false),
@@ -486,7 +475,37 @@ fn single_connection_shared(
             end: now,
         },
         tls,
+        quic,
         stop: Arc::new(AtomicBool::new(false)),
+    })
+}
+
+/// TLS settings of a client: a connector for TLS over TCP, or a QUIC configuration for
+/// HTTP/3.
+type ClientTls = (
+    Option<(TlsConnector, ServerName<'static>)>,
+    Option<quinn::ClientConfig>,
+);
+
+/// Builds the TLS settings `protocol` needs, with `host` as the server name.
+fn client_tls(protocol: Protocol, host: &str) -> anyhow::Result<ClientTls> {
+    let server_name = || {
+        ServerName::try_from(host.to_owned())
+            .with_context(|| format!("invalid TLS server name {host:?}"))
+    };
+    Ok(match protocol {
+        Protocol::Http1 => (None, None),
+        Protocol::Http3 => {
+            server_name()?;
+            (None, Some(crate::tls::quic_client_config()?))
+        }
+        Protocol::Http1Tls | Protocol::Http2 => (
+            Some((
+                TlsConnector::from(crate::tls::client_config(protocol.alpn())?),
+                server_name()?,
+            )),
+            None,
+        ),
     })
 }
 
@@ -497,9 +516,11 @@ struct Shared {
     request: Vec<u8>,
     /// The request with `Connection: close`, for new-connection runs.
     closing_request: Vec<u8>,
-    /// Absolute URI of HTTP/2 requests, which carries `:authority`.
+    /// Absolute URI of HTTP/2 and HTTP/3 requests, which carries `:authority`.
     h2_uri: http::Uri,
     tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// QUIC client settings of HTTP/3 runs.
+    quic: Option<quinn::ClientConfig>,
     stop: Arc<AtomicBool>,
 }
 
@@ -523,15 +544,26 @@ fn run_thread(shared: &Arc<Shared>, connection_ids: &[usize]) -> anyhow::Result<
     let local = tokio::task::LocalSet::new();
     let recorder = Rc::new(RefCell::new(Recorder::new()));
     local.block_on(&runtime, async {
+        // One QUIC endpoint (one UDP socket) per thread carries all its HTTP/3 connections.
+        let endpoint = match shared.config.protocol {
+            Protocol::Http3 => Some(http3::client_endpoint(shared.config.target)?),
+            _ => None,
+        };
         let mut tasks = Vec::with_capacity(connection_ids.len());
         for &id in connection_ids {
             let shared = shared.clone();
             let recorder = recorder.clone();
+            let endpoint = endpoint.clone();
             tasks.push(tokio::task::spawn_local(async move {
                 tokio::time::sleep_until(shared.window.start.into()).await;
                 match shared.config.mode {
                     Mode::Closed if shared.config.protocol == Protocol::Http2 => {
                         h2_closed_loop(&shared, &recorder).await;
+                    }
+                    Mode::Closed if shared.config.protocol == Protocol::Http3 => {
+                        if let Some(endpoint) = &endpoint {
+                            http3::closed_loop(&shared, endpoint, &recorder).await;
+                        }
                     }
                     Mode::Closed => closed_loop(&shared, &recorder).await,
                     Mode::Open { rate_per_s } => {
@@ -547,7 +579,11 @@ fn run_thread(shared: &Arc<Shared>, connection_ids: &[usize]) -> anyhow::Result<
             // everything recorded before.
             let _ = task.await;
         }
-    });
+        if let Some(endpoint) = endpoint {
+            endpoint.close(0u32.into(), b"run done");
+        }
+        anyhow::Ok(())
+    })?;
     let total = std::mem::take(&mut *recorder.borrow_mut());
     Ok(total)
 }
@@ -832,7 +868,7 @@ async fn h2_stream_loop(shared: &Shared, recorder: &RefCell<Recorder>, client: H
             record(recorder, result, done - started);
         }
         if let Err(kind) = result {
-            if h2_ends_connection(kind) {
+            if stream_error_ends_connection(kind) {
                 break;
             }
         }
@@ -847,10 +883,10 @@ fn status_result(status: u16) -> Result<u16, ErrorKind> {
     }
 }
 
-/// Returns whether an HTTP/2 request failure means that its connection is unusable. A reset
-/// stream, a bad status or an oversized body leave the connection open, and a timed-out
+/// Returns whether a failed HTTP/2 or HTTP/3 request means that its connection is unusable. A
+/// reset stream, a bad status or an oversized body leave the connection open, and a timed-out
 /// request is reset by dropping it.
-fn h2_ends_connection(kind: ErrorKind) -> bool {
+fn stream_error_ends_connection(kind: ErrorKind) -> bool {
     !matches!(
         kind,
         ErrorKind::StreamReset
@@ -942,7 +978,7 @@ fn report(config: &LoadConfig, window: Window, total: &Recorder) -> LoadReport {
         protocol: config.protocol,
         mode: config.mode,
         connections: config.connections,
-        streams: if config.protocol == Protocol::Http2 {
+        streams: if matches!(config.protocol, Protocol::Http2 | Protocol::Http3) {
             config.streams
         } else {
             1
@@ -1012,10 +1048,11 @@ mod tests {
     }
 
     #[test]
-    fn http3_is_rejected_with_reason() {
+    fn http3_runs_closed_loop_only() {
         assert_eq!(
-            start_error(&config(Protocol::Http3, Mode::Closed)),
-            "HTTP/3 is not supported by the load generator yet; use h1, h1-tls or h2"
+            start_error(&config(Protocol::Http3, Mode::Open { rate_per_s: 10.0 })),
+            "HTTP/3 runs closed loop only; open loop at 10 requests/s is not supported by the \
+             load generator yet"
         );
     }
 
@@ -1053,10 +1090,16 @@ mod tests {
             ErrorKind::InvalidResponse,
             ErrorKind::Timeout,
         ] {
-            assert!(!h2_ends_connection(kind), "{kind}");
+            assert!(!stream_error_ends_connection(kind), "{kind}");
         }
-        for kind in [ErrorKind::GoAway, ErrorKind::Read, ErrorKind::H2Protocol] {
-            assert!(h2_ends_connection(kind), "{kind}");
+        for kind in [
+            ErrorKind::GoAway,
+            ErrorKind::Read,
+            ErrorKind::H2Protocol,
+            ErrorKind::QuicConnectionLost,
+            ErrorKind::H3Protocol,
+        ] {
+            assert!(stream_error_ends_connection(kind), "{kind}");
         }
     }
 

@@ -34,6 +34,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::{
     load::{LoadConfig, LoadReport, Mode, Protocol},
     proxies::ProxyKind,
+    results::Scenario,
 };
 
 /// Benchmark harness for the edge reverse proxy.
@@ -64,8 +65,8 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Smoke run: 2 rounds of 0.5 s warm-up and 2 s measurement per cell (about 2 minutes).
-    /// Without it: 5 rounds of 1 s and 6 s (about 15 minutes).
+    /// Smoke run: 2 rounds of 0.5 s warm-up and 1.75 s measurement per cell (about 2.5
+    /// minutes with every proxy). Without it: 5 rounds of 1 s and 5 s (about 16 minutes).
     #[arg(long)]
     quick: bool,
     /// Number of rounds. Each round measures every target in every scenario once.
@@ -93,6 +94,17 @@ struct RunArgs {
     /// 100 by default (2.6) and nginx 128 (1.22).
     #[arg(long, default_value_t = 16)]
     h2_streams: usize,
+    /// QUIC connections of the HTTP/3 scenario.
+    #[arg(long, default_value_t = 4)]
+    h3_connections: usize,
+    /// Concurrent request streams on each connection of the HTTP/3 scenario, as many as in
+    /// the HTTP/2 scenario by default.
+    #[arg(long, default_value_t = 16)]
+    h3_streams: usize,
+    /// Scenarios to measure, comma-separated [default: all]. The fixed rate is half of nginx's
+    /// closed-loop rate only when keep-alive runs too.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    scenarios: Vec<Scenario>,
     /// Requests per second of the fixed-rate scenario [default: half of nginx's median
     /// closed-loop HTTP/1.1 rate in the same run].
     #[arg(long)]
@@ -157,7 +169,7 @@ struct LoadArgs {
     rate: Option<f64>,
     #[arg(long, default_value_t = 32)]
     connections: usize,
-    /// Concurrent streams on each connection, with `--protocol h2`.
+    /// Concurrent streams on each connection, with `--protocol h2` or `h3`.
     #[arg(long, default_value_t = 1)]
     streams: usize,
     /// Load-generator threads.
@@ -212,6 +224,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         fixed_rate_connections: args.fixed_rate_connections,
         h2_connections: args.h2_connections,
         h2_streams: args.h2_streams,
+        h3_connections: args.h3_connections,
+        h3_streams: args.h3_streams,
+        scenarios: args.scenarios,
         fixed_rate: args.fixed_rate,
         proxies: args.proxies,
         edge_bin: args.edge_bin,

@@ -1,7 +1,8 @@
 //! The proxies under test and their equivalent configurations: a host-based route for
 //! `bench.local` to the backend on plain HTTP and HTTPS, keep-alive to the backend, no access
 //! log, and the same number of workers. Every TLS listener offers HTTP/2 (ALPN `h2`) and
-//! HTTP/1.1, and every proxy talks HTTP/1.1 to the backend.
+//! HTTP/1.1, the proxies that can serve HTTP/3 also serve it on the HTTPS port over UDP, and
+//! every proxy talks HTTP/1.1 to the backend.
 
 use std::{
     fmt,
@@ -41,6 +42,21 @@ impl ProxyKind {
             Self::Haproxy => "haproxy",
             Self::Traefik => "traefik",
             Self::Caddy => "caddy",
+        }
+    }
+
+    /// Returns why the harness measures no HTTP/3 on this proxy, or `None` when its
+    /// configuration serves HTTP/3.
+    pub fn http3_unsupported(self) -> Option<&'static str> {
+        match self {
+            Self::Edge | Self::Traefik | Self::Caddy => None,
+            Self::Nginx => {
+                Some("nginx 1.22 (Debian 12) has no HTTP/3; QUIC support arrived in nginx 1.25")
+            }
+            Self::Haproxy => Some(
+                "HAProxy 2.6 in Debian 12 is built without QUIC (it needs a QUIC-enabled TLS \
+                 library such as quictls)",
+            ),
         }
     }
 
@@ -323,6 +339,8 @@ tls:
     )
 }
 
+/// Traefik static configuration. `http3` on the TLS entry point makes Traefik v3 listen on
+/// the same port over UDP as well.
 fn traefik_static(ports: Ports, routes: &Path) -> String {
     format!(
         r#"global:
@@ -333,6 +351,7 @@ entryPoints:
     address: "127.0.0.1:{http}"
   websecure:
     address: "127.0.0.1:{https}"
+    http3: {{}}
 providers:
   file:
     filename: "{routes}"
@@ -457,7 +476,8 @@ backend app
 
 /// Caddy JSON configuration. Automatic HTTPS is off on both servers, so Caddy neither
 /// redirects nor tries to obtain certificates over the network. The TLS server uses the
-/// loaded bench certificate. HTTP/3 is left out because the load generator does not speak it.
+/// loaded bench certificate. Protocol `h3` on the TLS server makes Caddy listen on the same
+/// address over UDP as well.
 fn caddy_config(ports: Ports, common: &Common<'_>) -> String {
     let route = serde_json::json!({
         "match": [{ "host": [ROUTE_HOST] }],
@@ -475,6 +495,9 @@ fn caddy_config(ports: Ports, common: &Common<'_>) -> String {
         "logging": { "logs": { "default": { "level": "ERROR" } } },
         "apps": {
             "http": {
+                // Without a grace period, Caddy 2.11 waits for its HTTP/3 connections to close
+                // and does not exit within 5 s of SIGTERM after an HTTP/3 run.
+                "grace_period": "2s",
                 "http_port": ports.http,
                 "https_port": ports.https,
                 "servers": {
@@ -489,7 +512,7 @@ fn caddy_config(ports: Ports, common: &Common<'_>) -> String {
                         "routes": [route],
                         "automatic_https": { "disable": true },
                         "tls_connection_policies": [{}],
-                        "protocols": ["h1", "h2"]
+                        "protocols": ["h1", "h2", "h3"]
                     }
                 }
             },
@@ -625,12 +648,36 @@ mod tests {
     }
 
     #[test]
-    fn caddy_offers_h2_on_tls_only() {
+    fn caddy_offers_h2_and_h3_on_tls_only() {
         let cert = test_cert();
         let value: serde_json::Value =
             serde_json::from_str(&caddy_config(TEST_PORTS, &test_common(&cert))).unwrap();
         let servers = &value["apps"]["http"]["servers"];
-        assert_eq!(servers["tls"]["protocols"], serde_json::json!(["h1", "h2"]));
+        assert_eq!(
+            servers["tls"]["protocols"],
+            serde_json::json!(["h1", "h2", "h3"])
+        );
         assert_eq!(servers["plain"]["protocols"], serde_json::json!(["h1"]));
+    }
+
+    #[test]
+    fn traefik_enables_http3_on_tls_entry_point() {
+        let config = traefik_static(TEST_PORTS, Path::new("/tmp/routes.yml"));
+        let lines: Vec<&str> = config.lines().collect();
+        let websecure = lines.iter().position(|l| l.trim() == "websecure:").unwrap();
+        assert_eq!(lines[websecure + 1].trim(), "address: \"127.0.0.1:2\"");
+        assert_eq!(lines[websecure + 2].trim(), "http3: {}", "{config}");
+        assert_eq!(config.matches("http3").count(), 1, "{config}");
+    }
+
+    #[test]
+    fn only_nginx_and_haproxy_skip_http3() {
+        for kind in [ProxyKind::Edge, ProxyKind::Traefik, ProxyKind::Caddy] {
+            assert_eq!(kind.http3_unsupported(), None, "{kind}");
+        }
+        for kind in [ProxyKind::Nginx, ProxyKind::Haproxy] {
+            let reason = kind.http3_unsupported().unwrap();
+            assert!(reason.contains("QUIC"), "{kind}: {reason}");
+        }
     }
 }

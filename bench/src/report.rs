@@ -35,9 +35,13 @@ pub fn render_markdown(results: &RunResults, plots: &PlotFiles<'_>) -> String {
         plots.latency, plots.throughput
     );
     for scenario in Scenario::CLOSED_LOOP {
-        render_closed_loop(&mut out, results, scenario);
+        if results.settings.selects(scenario) {
+            render_closed_loop(&mut out, results, scenario);
+        }
     }
-    render_fixed_rate(&mut out, results);
+    if results.settings.selects(Scenario::FixedRate) {
+        render_fixed_rate(&mut out, results);
+    }
     render_memory(&mut out, results);
     render_targets(&mut out, results);
     render_errors(&mut out, results);
@@ -67,6 +71,15 @@ fn render_facts(out: &mut String, results: &RunResults) {
             ),
         ],
         vec![
+            "scenarios".to_owned(),
+            if settings.scenarios.is_empty() {
+                "all".to_owned()
+            } else {
+                let labels: Vec<&str> = settings.scenarios.iter().map(|s| s.label()).collect();
+                format!("only {} (--scenarios)", labels.join(", "))
+            },
+        ],
+        vec![
             "workers".to_owned(),
             format!(
                 "{} per proxy (GOMAXPROCS for Traefik and Caddy)",
@@ -80,7 +93,8 @@ fn render_facts(out: &mut String, results: &RunResults) {
         vec![
             "TLS".to_owned(),
             "self-signed ECDSA P-256 certificate; client: rustls (ring), ALPN http/1.1 \
-             (h2 only in the HTTP/2 scenario), session resumption off, certificate chain not validated"
+             (h2 only in the HTTP/2 scenario, h3 over QUIC with quinn in the HTTP/3 scenario), \
+             session resumption off, certificate chain not validated"
                 .to_owned(),
         ],
         vec![
@@ -112,6 +126,10 @@ fn render_closed_loop(out: &mut String, results: &RunResults, scenario: Scenario
             "{} connections × {} streams",
             results.settings.h2_connections, results.settings.h2_streams
         ),
+        Scenario::Http3 => format!(
+            "{} QUIC connections × {} streams",
+            results.settings.h3_connections, results.settings.h3_streams
+        ),
         _ => format!("{} connections", results.settings.connections),
     };
     let _ = writeln!(
@@ -139,8 +157,25 @@ fn render_closed_loop(out: &mut String, results: &RunResults, scenario: Scenario
             error_total(&agg).to_string(),
         ]);
     }
+    let skipped: Vec<String> = results
+        .targets
+        .iter()
+        .filter(|t| t.skipped.is_none())
+        .filter_map(|t| {
+            let reason = match scenario {
+                Scenario::TlsHttp2 => t.h2_skipped.as_ref(),
+                Scenario::Http3 => t.h3_skipped.as_ref(),
+                _ => None,
+            }?;
+            Some(format!("- {} not measured: {reason}\n", t.name))
+        })
+        .collect();
     if rows.is_empty() {
         out.push_str("Not measured.\n\n");
+        out.push_str(&skipped.concat());
+        if !skipped.is_empty() {
+            out.push('\n');
+        }
         return;
     }
     out.push_str(&render_table(
@@ -160,6 +195,10 @@ fn render_closed_loop(out: &mut String, results: &RunResults, scenario: Scenario
     ));
     if let Some(session) = session {
         let _ = writeln!(out, "\nTLS session of the first connection: {session}.");
+    }
+    if !skipped.is_empty() {
+        out.push('\n');
+        out.push_str(&skipped.concat());
     }
     out.push('\n');
 }
@@ -290,69 +329,154 @@ fn render_memory(out: &mut String, results: &RunResults) {
     out.push('\n');
 }
 
-/// A ratio the edge is built to reach, computed from the medians of this run.
+/// A goal of the edge: a bound on a value computed from one run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Goal {
+    /// The value must be at least this.
+    AtLeast(f64),
+    /// The value must be below this.
+    Below(f64),
+}
+
+impl Goal {
+    fn is_met(self, value: f64) -> bool {
+        match self {
+            Self::AtLeast(bound) => value >= bound,
+            Self::Below(bound) => value < bound,
+        }
+    }
+
+    /// Describes the goal with `unit` after the bound, except for the ratio sign `×`.
+    fn describe(self, unit: &str) -> String {
+        let unit = if unit == "×" { "" } else { unit };
+        match self {
+            Self::AtLeast(bound) => format!("≥ {bound}{unit}"),
+            Self::Below(bound) => format!("< {bound}{unit}"),
+        }
+    }
+}
+
+/// Outcome of one check.
+#[derive(Debug, Clone, PartialEq)]
+enum Verdict {
+    Met,
+    Missed,
+    /// A value the check needs is missing from the run; the reason says which.
+    NotMeasured(String),
+    /// The value was measured under conditions other than the goal's; the reason says how.
+    NotComparable(String),
+}
+
+/// One of the edge's goals, checked against the medians of one run.
+#[derive(Debug, Clone, PartialEq)]
 struct Check {
     name: String,
-    goal: &'static str,
+    goal: Goal,
     measured: Option<f64>,
     unit: &'static str,
-    is_met: fn(f64) -> bool,
+    verdict: Verdict,
+}
+
+impl Check {
+    /// Checks `measured` against `goal`; an `Err` is the reason it is missing.
+    fn new(name: String, goal: Goal, unit: &'static str, measured: Result<f64, String>) -> Self {
+        match measured {
+            Ok(value) => Self {
+                name,
+                goal,
+                measured: Some(value),
+                unit,
+                verdict: if goal.is_met(value) {
+                    Verdict::Met
+                } else {
+                    Verdict::Missed
+                },
+            },
+            Err(reason) => Self {
+                name,
+                goal,
+                measured: None,
+                unit,
+                verdict: Verdict::NotMeasured(reason),
+            },
+        }
+    }
 }
 
 fn render_targets(out: &mut String, results: &RunResults) {
     out.push_str("## The edge against its targets\n\n");
     out.push_str(
-        "Ratios of medians from this run only. A short or noisy run can flip a verdict, so \
-         trust a full run on a quiet machine.\n\n",
+        "Ratios of medians from this run only, on this machine. A short or noisy run can flip \
+         a verdict, so trust a full run on a quiet machine. CPU per request is the proxy's CPU \
+         time divided by its responses. The added latency is the edge's p99 minus the direct \
+         path's p99 in the fixed-rate scenario, which counts only when that rate is half of \
+         nginx's closed-loop rate.\n\n",
     );
-    let mut rows: Vec<Vec<String>> = edge_checks(results)
+    let checks = edge_checks(results);
+    let rows: Vec<Vec<String>> = checks
         .iter()
         .map(|check| {
-            let (measured, verdict) = match check.measured {
-                Some(v) => (
-                    format!("{v:.2}{}", check.unit),
-                    if (check.is_met)(v) { "yes" } else { "no" }.to_owned(),
-                ),
-                None => ("–".to_owned(), "not measured".to_owned()),
+            let measured = check
+                .measured
+                .map_or_else(|| "–".to_owned(), |v| format!("{v:.2}{}", check.unit));
+            let verdict = match &check.verdict {
+                Verdict::Met => "yes".to_owned(),
+                Verdict::Missed => "no".to_owned(),
+                Verdict::NotMeasured(reason) => format!("not measured: {reason}"),
+                Verdict::NotComparable(reason) => format!("no verdict: {reason}"),
             };
-            vec![check.name.clone(), check.goal.to_owned(), measured, verdict]
+            vec![
+                check.name.clone(),
+                check.goal.describe(check.unit),
+                measured,
+                verdict,
+            ]
         })
         .collect();
-    let edge_idle = results
-        .targets
-        .iter()
-        .find(|t| t.name == ProxyKind::Edge.name())
-        .and_then(|t| t.idle_tls.as_ref())
-        .and_then(|m| m.kib_per_connection);
-    rows.push(vec![
-        "RSS per idle keep-alive TLS connection, edge".to_owned(),
-        "< 16 KiB".to_owned(),
-        edge_idle.map_or_else(|| "–".to_owned(), |k| format!("{k:.1} KiB")),
-        match edge_idle {
-            Some(k) if k < 16.0 => "yes",
-            Some(_) => "no",
-            None => "not measured",
-        }
-        .to_owned(),
-    ]);
     out.push_str(&render_table(&["check", "goal", "measured", "met"], &rows));
-    out.push('\n');
+    let _ = writeln!(out, "\n{}\n", summarize(&checks));
 }
 
-/// Computes the edge's ratios against nginx, Traefik and the direct path from the medians.
+/// Counts the verdicts, for example `3 of 14 checks met, 9 missed, 2 without a verdict.`
+fn summarize(checks: &[Check]) -> String {
+    let met = checks.iter().filter(|c| c.verdict == Verdict::Met).count();
+    let missed = checks
+        .iter()
+        .filter(|c| c.verdict == Verdict::Missed)
+        .count();
+    let open = checks.len() - met - missed;
+    format!(
+        "{met} of {} checks met, {missed} missed, {open} without a verdict.",
+        checks.len()
+    )
+}
+
+/// Computes the edge's goals from the medians of one run: ratios against nginx, Traefik and
+/// the direct path, the added p99 latency, and the memory per idle TLS connection.
 fn edge_checks(results: &RunResults) -> Vec<Check> {
-    let median = |scenario: Scenario, target: &str, f: fn(&Aggregate) -> Option<f64>| {
-        results.aggregate(scenario, target).and_then(|a| f(&a))
+    let edge = ProxyKind::Edge.name();
+    let nginx = ProxyKind::Nginx.name();
+    let traefik = ProxyKind::Traefik.name();
+    let median = |scenario: Scenario,
+                  target: &str,
+                  what: &str,
+                  f: fn(&Aggregate) -> Option<f64>|
+     -> Result<f64, String> {
+        results
+            .aggregate(scenario, target)
+            .and_then(|a| f(&a))
+            .ok_or_else(|| format!("no {what} of {target} in {scenario}"))
     };
     let cpu = |a: &Aggregate| a.cpu_us_per_request.map(|s| s.median);
     let rps = |a: &Aggregate| Some(a.requests_per_s.median);
     let p99 = |a: &Aggregate| Some(a.p99_us.median);
-    let edge = ProxyKind::Edge.name();
-    let nginx = ProxyKind::Nginx.name();
-    let traefik = ProxyKind::Traefik.name();
-    let ratio = |num: Option<f64>, den: Option<f64>| match (num, den) {
-        (Some(n), Some(d)) if d > 0.0 => Some(n / d),
-        _ => None,
+    let ratio = |num: Result<f64, String>, den: Result<f64, String>, den_name: &str| {
+        let (num, den) = (num?, den?);
+        if den > 0.0 {
+            Ok(num / den)
+        } else {
+            Err(format!("{den_name}'s value is 0"))
+        }
     };
 
     let mut checks = Vec::new();
@@ -361,65 +485,87 @@ fn edge_checks(results: &RunResults) -> Vec<Check> {
         Scenario::TlsKeepAlive,
         Scenario::TlsHttp2,
     ] {
-        checks.push(Check {
-            name: format!("CPU per request, {scenario}: nginx / edge"),
-            goal: "≥ 2",
-            measured: ratio(median(scenario, nginx, cpu), median(scenario, edge, cpu)),
-            unit: "×",
-            is_met: |v| v >= 2.0,
-        });
-        checks.push(Check {
-            name: format!("CPU per request, {scenario}: Traefik / edge"),
-            goal: "≥ 4",
-            measured: ratio(median(scenario, traefik, cpu), median(scenario, edge, cpu)),
-            unit: "×",
-            is_met: |v| v >= 4.0,
-        });
+        let edge_cpu = median(scenario, edge, "CPU per request", cpu);
+        for (anchor, label, bound) in [(nginx, "nginx", 2.0), (traefik, "Traefik", 4.0)] {
+            checks.push(Check::new(
+                format!("CPU per request, {scenario}: {label} / edge"),
+                Goal::AtLeast(bound),
+                "×",
+                ratio(
+                    median(scenario, anchor, "CPU per request", cpu),
+                    edge_cpu.clone(),
+                    edge,
+                ),
+            ));
+        }
     }
-    checks.push(Check {
-        name: "requests/s, HTTP/1.1 keep-alive: edge / nginx".to_owned(),
-        goal: "≥ 1.3",
-        measured: ratio(
-            median(Scenario::KeepAlive, edge, rps),
-            median(Scenario::KeepAlive, nginx, rps),
+    checks.push(Check::new(
+        "requests/s, HTTP/1.1 keep-alive: edge / nginx".to_owned(),
+        Goal::AtLeast(1.3),
+        "×",
+        ratio(
+            median(Scenario::KeepAlive, edge, "requests/s", rps),
+            median(Scenario::KeepAlive, nginx, "requests/s", rps),
+            nginx,
         ),
-        unit: "×",
-        is_met: |v| v >= 1.3,
-    });
-    checks.push(Check {
-        name: "requests/s, HTTP/1.1 keep-alive: edge / direct".to_owned(),
-        goal: "≥ 0.8",
-        measured: ratio(
-            median(Scenario::KeepAlive, edge, rps),
-            median(Scenario::KeepAlive, DIRECT, rps),
+    ));
+    checks.push(Check::new(
+        "requests/s, HTTP/1.1 keep-alive: edge / direct".to_owned(),
+        Goal::AtLeast(0.8),
+        "×",
+        ratio(
+            median(Scenario::KeepAlive, edge, "requests/s", rps),
+            median(Scenario::KeepAlive, DIRECT, "requests/s", rps),
+            DIRECT,
         ),
-        unit: "×",
-        is_met: |v| v >= 0.8,
-    });
-    checks.push(Check {
-        name: "new TLS handshakes/s: edge / nginx".to_owned(),
-        goal: "≥ 1.2",
-        measured: ratio(
-            median(Scenario::TlsHandshake, edge, rps),
-            median(Scenario::TlsHandshake, nginx, rps),
+    ));
+    checks.push(Check::new(
+        "new TLS handshakes/s: edge / nginx".to_owned(),
+        Goal::AtLeast(1.2),
+        "×",
+        ratio(
+            median(Scenario::TlsHandshake, edge, "requests/s", rps),
+            median(Scenario::TlsHandshake, nginx, "requests/s", rps),
+            nginx,
         ),
-        unit: "×",
-        is_met: |v| v >= 1.2,
-    });
-    checks.push(Check {
-        name: "p99 added latency at the fixed rate: edge − direct".to_owned(),
-        goal: "< 150",
-        measured: match (
-            median(Scenario::FixedRate, edge, p99),
-            median(Scenario::FixedRate, DIRECT, p99),
-        ) {
-            (Some(e), Some(d)) => Some(e - d),
-            _ => None,
-        },
-        unit: " µs",
-        is_met: |v| v < 150.0,
-    });
+    ));
+    checks.push(added_latency_check(results, |target| {
+        median(Scenario::FixedRate, target, "p99", p99)
+    }));
+    let edge_idle = results
+        .targets
+        .iter()
+        .find(|t| t.name == edge)
+        .and_then(|t| t.idle_tls.as_ref())
+        .and_then(|m| m.kib_per_connection)
+        .ok_or_else(|| "no idle TLS connections held by edge".to_owned());
+    checks.push(Check::new(
+        "RSS per idle keep-alive TLS connection, edge".to_owned(),
+        Goal::Below(16.0),
+        " KiB",
+        edge_idle,
+    ));
     checks
+}
+
+/// Checks the edge's p99 minus the direct path's p99 at the fixed rate. The goal is set at half
+/// of nginx's maximum rate, so a rate chosen otherwise gets no verdict.
+fn added_latency_check(results: &RunResults, p99: impl Fn(&str) -> Result<f64, String>) -> Check {
+    let added = p99(ProxyKind::Edge.name()).and_then(|edge| Ok(edge - p99(DIRECT)?));
+    let mut check = Check::new(
+        "p99 added latency at half of nginx's rate: edge − direct".to_owned(),
+        Goal::Below(150.0),
+        " µs",
+        added,
+    );
+    let from_nginx = results.settings.fixed_rate_from.as_deref() == Some(ProxyKind::Nginx.name());
+    if check.measured.is_some() && !from_nginx {
+        check.verdict = Verdict::NotComparable(format!(
+            "the rate was not half of nginx's but {}",
+            results.settings.fixed_rate_basis
+        ));
+    }
+    check
 }
 
 fn render_errors(out: &mut String, results: &RunResults) {
@@ -439,6 +585,13 @@ fn render_errors(out: &mut String, results: &RunResults) {
                 "- {} skipped {}: {reason}",
                 target.name,
                 Scenario::TlsHttp2
+            ));
+        }
+        if let Some(reason) = &target.h3_skipped {
+            lines.push(format!(
+                "- {} skipped {}: {reason}",
+                target.name,
+                Scenario::Http3
             ));
         }
         if let Some(reason) = &target.skipped {
@@ -605,6 +758,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::results::TargetInfo;
 
     #[test]
     fn table_renders_header_and_rows() {
@@ -621,7 +775,7 @@ mod tests {
     fn sample_results() -> RunResults {
         use crate::{
             load::{LoadReport, Mode, Protocol},
-            results::{Cell, HostInfo, Settings, TargetInfo},
+            results::{Cell, HostInfo, Settings},
             stats::LatencySummary,
         };
         let target = |name: &str| TargetInfo {
@@ -631,6 +785,7 @@ mod tests {
             idle_rss_kib: Some(2048),
             skipped: None,
             h2_skipped: None,
+            h3_skipped: None,
             idle_tls: None,
         };
         let cell = |name: &str, round: usize, rps: f64, cpu_us: Option<f64>| Cell {
@@ -688,8 +843,12 @@ mod tests {
                 fixed_rate_connections: 64,
                 h2_connections: 4,
                 h2_streams: 16,
+                h3_connections: 4,
+                h3_streams: 16,
                 fixed_rate_per_s: 1000.0,
                 fixed_rate_basis: "set with --fixed-rate".to_owned(),
+                fixed_rate_from: None,
+                scenarios: Vec::new(),
                 request_timeout_s: 2.0,
                 workers: 1,
             },
@@ -765,6 +924,272 @@ mod tests {
             markdown.contains(
                 "| requests/s, HTTP/1.1 keep-alive: edge / direct | ≥ 0.8 | 0.53× | no |"
             ),
+            "{markdown}"
+        );
+    }
+
+    /// Adds a round of `target` in `scenario` to `results`, copied from the first cell.
+    fn add_cell(
+        results: &mut RunResults,
+        scenario: Scenario,
+        target: &str,
+        requests_per_s: f64,
+        cpu_us: Option<f64>,
+        p99_us: u64,
+    ) {
+        let mut cell = results.cells[0].clone();
+        cell.scenario = scenario;
+        cell.target = target.to_owned();
+        cell.load.requests_per_s = requests_per_s;
+        cell.load.latency_us.p99_us = p99_us;
+        cell.proxy_cpu_us_per_request = cpu_us;
+        results.cells.push(cell);
+    }
+
+    fn check<'a>(checks: &'a [Check], name: &str) -> &'a Check {
+        checks
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no check {name:?} in {checks:?}"))
+    }
+
+    #[test]
+    fn checks_cpu_ratios_per_scenario() {
+        let mut results = sample_results();
+        add_cell(
+            &mut results,
+            Scenario::TlsHttp2,
+            "edge",
+            9e4,
+            Some(10.0),
+            900,
+        );
+        add_cell(
+            &mut results,
+            Scenario::TlsHttp2,
+            "nginx",
+            6e4,
+            Some(18.0),
+            900,
+        );
+        results.targets.push(TargetInfo {
+            name: "traefik".to_owned(),
+            ..results.targets[1].clone()
+        });
+        add_cell(
+            &mut results,
+            Scenario::TlsHttp2,
+            "traefik",
+            1e4,
+            Some(45.0),
+            900,
+        );
+        let checks = edge_checks(&results);
+
+        let h2_nginx = check(&checks, "CPU per request, HTTPS HTTP/2: nginx / edge");
+        assert_eq!(h2_nginx.measured, Some(1.8));
+        assert_eq!(h2_nginx.verdict, Verdict::Missed);
+        let h2_traefik = check(&checks, "CPU per request, HTTPS HTTP/2: Traefik / edge");
+        assert_eq!(h2_traefik.measured, Some(4.5));
+        assert_eq!(h2_traefik.verdict, Verdict::Met);
+        let h1_traefik = check(
+            &checks,
+            "CPU per request, HTTP/1.1 keep-alive: Traefik / edge",
+        );
+        assert_eq!(
+            h1_traefik.verdict,
+            Verdict::NotMeasured("no CPU per request of traefik in HTTP/1.1 keep-alive".to_owned())
+        );
+        let tls_nginx = check(&checks, "CPU per request, HTTPS keep-alive: nginx / edge");
+        assert_eq!(tls_nginx.measured, None);
+    }
+
+    #[test]
+    fn checks_rates_against_nginx_and_direct() {
+        let mut results = sample_results();
+        add_cell(
+            &mut results,
+            Scenario::TlsHandshake,
+            "edge",
+            3000.0,
+            Some(240.0),
+            4000,
+        );
+        add_cell(
+            &mut results,
+            Scenario::TlsHandshake,
+            "nginx",
+            2400.0,
+            Some(400.0),
+            4000,
+        );
+        let checks = edge_checks(&results);
+
+        // Keep-alive medians: edge 42,000, nginx 30,000, direct 80,000 requests/s.
+        let nginx = check(&checks, "requests/s, HTTP/1.1 keep-alive: edge / nginx");
+        assert_eq!(nginx.measured, Some(1.4));
+        assert_eq!(nginx.verdict, Verdict::Met);
+        let direct = check(&checks, "requests/s, HTTP/1.1 keep-alive: edge / direct");
+        assert_eq!(direct.measured, Some(0.525));
+        assert_eq!(direct.verdict, Verdict::Missed);
+        let handshakes = check(&checks, "new TLS handshakes/s: edge / nginx");
+        assert_eq!(handshakes.measured, Some(1.25));
+        assert_eq!(handshakes.verdict, Verdict::Met);
+    }
+
+    #[test]
+    fn ratio_with_zero_denominator_is_not_measured() {
+        let mut results = sample_results();
+        for cell in &mut results.cells {
+            if cell.target == "nginx" {
+                cell.load.requests_per_s = 0.0;
+            }
+        }
+        let checks = edge_checks(&results);
+        let nginx = check(&checks, "requests/s, HTTP/1.1 keep-alive: edge / nginx");
+        assert_eq!(
+            nginx.verdict,
+            Verdict::NotMeasured("nginx's value is 0".to_owned())
+        );
+    }
+
+    const ADDED_LATENCY: &str = "p99 added latency at half of nginx's rate: edge − direct";
+
+    #[test]
+    fn added_latency_needs_nginx_based_rate() {
+        let mut results = sample_results();
+        add_cell(
+            &mut results,
+            Scenario::FixedRate,
+            "edge",
+            1.5e4,
+            Some(12.0),
+            1100,
+        );
+        add_cell(&mut results, Scenario::FixedRate, DIRECT, 1.5e4, None, 1000);
+
+        results.settings.fixed_rate_from = Some("nginx".to_owned());
+        let added = check(&edge_checks(&results), ADDED_LATENCY).clone();
+        assert_eq!(added.measured, Some(100.0));
+        assert_eq!(added.verdict, Verdict::Met);
+
+        results.cells.last_mut().unwrap().load.latency_us.p99_us = 900;
+        let added = check(&edge_checks(&results), ADDED_LATENCY).clone();
+        assert_eq!(added.measured, Some(200.0));
+        assert_eq!(added.verdict, Verdict::Missed);
+
+        results.settings.fixed_rate_from = Some("edge".to_owned());
+        results.settings.fixed_rate_basis = "half of edge's median".to_owned();
+        let added = check(&edge_checks(&results), ADDED_LATENCY).clone();
+        assert_eq!(added.measured, Some(200.0));
+        assert_eq!(
+            added.verdict,
+            Verdict::NotComparable(
+                "the rate was not half of nginx's but half of edge's median".to_owned()
+            )
+        );
+    }
+
+    #[test]
+    fn added_latency_without_direct_is_not_measured() {
+        let mut results = sample_results();
+        results.settings.fixed_rate_from = Some("nginx".to_owned());
+        add_cell(
+            &mut results,
+            Scenario::FixedRate,
+            "edge",
+            1.5e4,
+            Some(12.0),
+            1100,
+        );
+        let added = check(&edge_checks(&results), ADDED_LATENCY).clone();
+        assert_eq!(
+            added.verdict,
+            Verdict::NotMeasured("no p99 of direct in HTTP/1.1 fixed rate".to_owned())
+        );
+    }
+
+    #[test]
+    fn checks_idle_tls_memory_below_16_kib() {
+        let mut results = sample_results();
+        let name = "RSS per idle keep-alive TLS connection, edge";
+        assert_eq!(
+            check(&edge_checks(&results), name).verdict,
+            Verdict::NotMeasured("no idle TLS connections held by edge".to_owned())
+        );
+        for (kib, verdict) in [(15.9, Verdict::Met), (16.0, Verdict::Missed)] {
+            results.targets[1].idle_tls = Some(crate::results::IdleTlsMemory {
+                requested: 1000,
+                opened: 1000,
+                errors: BTreeMap::new(),
+                rss_before_kib: 6000,
+                rss_after_kib: 6000 + (kib * 1000.0) as u64,
+                kib_per_connection: Some(kib),
+            });
+            let idle = check(&edge_checks(&results), name).clone();
+            assert_eq!(idle.measured, Some(kib));
+            assert_eq!(idle.verdict, verdict, "{kib} KiB");
+        }
+    }
+
+    #[test]
+    fn summary_counts_verdicts() {
+        let checks = edge_checks(&sample_results());
+        // Measured in the sample: CPU nginx / edge on HTTP/1.1, edge / nginx and edge / direct.
+        assert_eq!(checks.len(), 11);
+        assert_eq!(
+            summarize(&checks),
+            "2 of 11 checks met, 1 missed, 8 without a verdict."
+        );
+    }
+
+    #[test]
+    fn markdown_lists_http3_skips_under_its_table() {
+        let mut results = sample_results();
+        results.targets[2].h3_skipped = Some("nginx 1.22 has no HTTP/3".to_owned());
+        add_cell(&mut results, Scenario::Http3, "edge", 2e4, Some(40.0), 3000);
+        let markdown = render_markdown(
+            &results,
+            &PlotFiles {
+                latency: "l.svg",
+                throughput: "t.svg",
+            },
+        );
+        let section = markdown
+            .split("## HTTP/3, closed loop, 4 QUIC connections × 16 streams\n")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no HTTP/3 section in {markdown}"));
+        let section = section.split("\n## ").next().unwrap();
+        assert!(section.contains("| edge | 20,000 |"), "{section}");
+        assert!(
+            section.contains("- nginx not measured: nginx 1.22 has no HTTP/3"),
+            "{section}"
+        );
+        assert!(
+            markdown.contains("- nginx skipped HTTP/3: nginx 1.22 has no HTTP/3"),
+            "{markdown}"
+        );
+    }
+
+    #[test]
+    fn markdown_omits_unselected_scenarios() {
+        let mut results = sample_results();
+        results.settings.scenarios = vec![Scenario::KeepAlive];
+        let markdown = render_markdown(
+            &results,
+            &PlotFiles {
+                latency: "l.svg",
+                throughput: "t.svg",
+            },
+        );
+        assert!(
+            markdown.contains("## HTTP/1.1 keep-alive, closed loop"),
+            "{markdown}"
+        );
+        assert!(!markdown.contains("## HTTP/3"), "{markdown}");
+        assert!(!markdown.contains("open loop"), "{markdown}");
+        assert!(
+            markdown.contains("| RSS per idle keep-alive TLS connection, edge | < 16 KiB | – |"),
             "{markdown}"
         );
     }

@@ -9,27 +9,48 @@ use crate::load::{LoadReport, Protocol};
 /// Name of the target that sends load straight to the backend, without a proxy.
 pub const DIRECT: &str = "direct";
 
-/// A load pattern every target is measured with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A load pattern every target is measured with. The value names select scenarios in
+/// `bench run --scenarios`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 pub enum Scenario {
     /// Plain HTTP/1.1 keep-alive, closed loop.
+    #[value(name = "keep-alive")]
     KeepAlive,
     /// HTTPS HTTP/1.1 keep-alive, closed loop.
+    #[value(name = "tls-keep-alive")]
     TlsKeepAlive,
     /// A new TLS connection (full handshake) per request, closed loop.
+    #[value(name = "tls-handshake")]
     TlsHandshake,
     /// HTTPS HTTP/2 keep-alive with many concurrent streams per connection, closed loop.
+    #[value(name = "h2")]
     TlsHttp2,
+    /// HTTP/3 over QUIC with many concurrent streams per connection, closed loop.
+    #[value(name = "h3")]
+    Http3,
     /// Plain HTTP/1.1 keep-alive at a fixed rate, open loop.
+    #[value(name = "fixed-rate")]
     FixedRate,
 }
 
 impl Scenario {
-    pub const CLOSED_LOOP: [Scenario; 4] = [
+    pub const CLOSED_LOOP: [Scenario; 5] = [
         Scenario::KeepAlive,
         Scenario::TlsKeepAlive,
         Scenario::TlsHandshake,
         Scenario::TlsHttp2,
+        Scenario::Http3,
+    ];
+
+    /// Every scenario, in run order: the closed-loop ones, then the fixed rate, which takes
+    /// its rate from the closed-loop results.
+    pub const ALL: [Scenario; 6] = [
+        Scenario::KeepAlive,
+        Scenario::TlsKeepAlive,
+        Scenario::TlsHandshake,
+        Scenario::TlsHttp2,
+        Scenario::Http3,
+        Scenario::FixedRate,
     ];
 
     pub fn protocol(self) -> Protocol {
@@ -37,6 +58,7 @@ impl Scenario {
             Self::KeepAlive | Self::FixedRate => Protocol::Http1,
             Self::TlsKeepAlive | Self::TlsHandshake => Protocol::Http1Tls,
             Self::TlsHttp2 => Protocol::Http2,
+            Self::Http3 => Protocol::Http3,
         }
     }
 
@@ -47,6 +69,7 @@ impl Scenario {
             Self::TlsKeepAlive => "HTTPS keep-alive",
             Self::TlsHandshake => "new TLS connection per request",
             Self::TlsHttp2 => "HTTPS HTTP/2",
+            Self::Http3 => "HTTP/3",
             Self::FixedRate => "HTTP/1.1 fixed rate",
         }
     }
@@ -85,11 +108,31 @@ pub struct Settings {
     /// Concurrent streams on each HTTP/2 connection.
     #[serde(default)]
     pub h2_streams: usize,
+    /// Connections of the HTTP/3 scenario (0 in results from before it existed).
+    #[serde(default)]
+    pub h3_connections: usize,
+    /// Concurrent streams on each HTTP/3 connection.
+    #[serde(default)]
+    pub h3_streams: usize,
     pub fixed_rate_per_s: f64,
     /// Description of how the fixed rate was chosen.
     pub fixed_rate_basis: String,
+    /// Target whose median closed-loop HTTP/1.1 rate was halved to get the fixed rate. It is
+    /// `None` when the rate was set by hand or no closed-loop rate was measured.
+    #[serde(default)]
+    pub fixed_rate_from: Option<String>,
+    /// Scenarios selected with `--scenarios`; empty when every scenario ran.
+    #[serde(default)]
+    pub scenarios: Vec<Scenario>,
     pub request_timeout_s: f64,
     pub workers: usize,
+}
+
+impl Settings {
+    /// Returns whether the run measured `scenario`.
+    pub fn selects(&self, scenario: Scenario) -> bool {
+        self.scenarios.is_empty() || self.scenarios.contains(&scenario)
+    }
 }
 
 /// One target: a proxy, or the direct path.
@@ -106,6 +149,9 @@ pub struct TargetInfo {
     /// `h2` in ALPN.
     #[serde(default)]
     pub h2_skipped: Option<String>,
+    /// Reason the HTTP/3 scenario was not measured, such as a proxy build without QUIC.
+    #[serde(default)]
+    pub h3_skipped: Option<String>,
     /// Memory of idle keep-alive TLS connections, measured before any load.
     pub idle_tls: Option<IdleTlsMemory>,
 }

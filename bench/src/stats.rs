@@ -34,12 +34,19 @@ pub enum ErrorKind {
     Status(u16),
     /// HTTP/2: the server did not select `h2` in ALPN.
     NoH2,
-    /// HTTP/2: the server reset the request's stream.
+    /// HTTP/2 or HTTP/3: the server reset the request's stream.
     StreamReset,
-    /// HTTP/2: the server sent GOAWAY before the response was complete.
+    /// HTTP/2 or HTTP/3: the server sent GOAWAY before the response was complete.
     GoAway,
     /// HTTP/2: any other HTTP/2 error, such as a protocol violation seen by the client.
     H2Protocol,
+    /// HTTP/3: the QUIC handshake failed, for example because the server did not select `h3`
+    /// in ALPN.
+    QuicHandshake,
+    /// HTTP/3: the QUIC connection closed or failed before the response was complete.
+    QuicConnectionLost,
+    /// HTTP/3: any other HTTP/3 error, such as a frame or QPACK error seen by the client.
+    H3Protocol,
     /// Open loop only: the request's intended send time passed while its connection was still
     /// busy, and the run ended before it could be sent.
     NotSent,
@@ -60,6 +67,9 @@ impl fmt::Display for ErrorKind {
             Self::StreamReset => f.write_str("stream reset"),
             Self::GoAway => f.write_str("goaway"),
             Self::H2Protocol => f.write_str("h2 protocol"),
+            Self::QuicHandshake => f.write_str("quic handshake"),
+            Self::QuicConnectionLost => f.write_str("quic connection lost"),
+            Self::H3Protocol => f.write_str("h3 protocol"),
             Self::NotSent => f.write_str("not sent before end"),
         }
     }
@@ -241,5 +251,10 @@ mod tests {
         assert_eq!(ErrorKind::Status(503).to_string(), "status 503");
         assert_eq!(ErrorKind::ClosedEarly.to_string(), "closed early");
         assert_eq!(ErrorKind::NotSent.to_string(), "not sent before end");
+        assert_eq!(ErrorKind::QuicHandshake.to_string(), "quic handshake");
+        assert_eq!(
+            ErrorKind::QuicConnectionLost.to_string(),
+            "quic connection lost"
+        );
     }
 }

@@ -52,6 +52,25 @@ pub fn write_self_signed(dir: &Path, names: &[&str]) -> anyhow::Result<CertFiles
 /// # Errors
 /// Fails when the provider rejects the protocol versions.
 pub fn client_config(alpn: &[u8]) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    build_client_config(alpn, rustls::DEFAULT_VERSIONS)
+}
+
+/// Builds the QUIC client configuration of the HTTP/3 load generator: the settings of
+/// [`client_config`] restricted to TLS 1.3, as QUIC requires, with ALPN `h3`.
+///
+/// # Errors
+/// Fails when the provider lacks TLS 1.3 or the AES-128-GCM suite of QUIC's Initial packets.
+pub fn quic_client_config() -> anyhow::Result<quinn::ClientConfig> {
+    let tls = build_client_config(b"h3", &[&rustls::version::TLS13])?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .context("building the QUIC client configuration")?;
+    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+}
+
+fn build_client_config(
+    alpn: &[u8],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     // NOTE: rustls 0.23.48 lists P-384 first in ring's default groups and sends its key
     // share first. Left that way, every handshake would use P-384, which is much slower in
     // ring than X25519, and which no common client prefers.
@@ -64,7 +83,7 @@ pub fn client_config(alpn: &[u8]) -> anyhow::Result<Arc<rustls::ClientConfig>> {
         provider: provider.clone(),
     });
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .context("selecting TLS versions")?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
