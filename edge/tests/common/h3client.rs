@@ -121,6 +121,17 @@ pub async fn read_reply(stream: &mut Stream) -> Result<Reply, String> {
         .await
         .map_err(|_| "no response head in time".to_string())?
         .map_err(|e| format!("receiving the response failed: {e}"))?;
+    let (body, trailers) = read_reply_rest(stream).await?;
+    Ok(Reply {
+        status: response.status().as_u16(),
+        headers: response.headers().clone(),
+        body,
+        trailers,
+    })
+}
+
+/// Reads the rest of a response body and its trailers from `stream`.
+pub async fn read_reply_rest(stream: &mut Stream) -> Result<(Vec<u8>, Option<HeaderMap>), String> {
     let mut body = Vec::new();
     loop {
         let piece = tokio::time::timeout(STEP_LIMIT, stream.recv_data())
@@ -134,12 +145,7 @@ pub async fn read_reply(stream: &mut Stream) -> Result<Reply, String> {
         .await
         .map_err(|_| "no response trailers in time".to_string())?
         .map_err(|e| format!("receiving the trailers failed: {e}"))?;
-    Ok(Reply {
-        status: response.status().as_u16(),
-        headers: response.headers().clone(),
-        body,
-        trailers,
-    })
+    Ok((body, trailers))
 }
 
 /// Runs `future` on a new current-thread tokio runtime.
