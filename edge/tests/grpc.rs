@@ -433,7 +433,7 @@ fn grpc_frame(message: &[u8]) -> bytes::Bytes {
     frame.into()
 }
 
-/// A gRPC request over HTTP/3 for `method`, with `extra` header fields.
+/// Builds a gRPC request over HTTP/3 for `method`, with `extra` header fields.
 fn h3_grpc_request(method: &str, extra: &[(&str, &str)]) -> http::Request<()> {
     let mut request = http::Request::post(format!("https://grpc.test/test.Echo/{method}"))
         .header("content-type", "application/grpc")

@@ -1,7 +1,7 @@
 //! HTTP/3: a quinn + h3 client gets responses through the edge with the certificate chosen by
 //! SNI, unknown hosts get 404, and HTTPS responses over TCP advertise HTTP/3 with Alt-Svc.
 //! Backend connections are reused, request bodies stream before their first byte arrives, and
-//! a flood of Initials from one source is answered with Retry.
+//! a flood of Initials from one source gets Retry packets.
 
 mod common;
 
@@ -488,9 +488,9 @@ fn read_head(reader: &mut BufReader<TcpStream>) -> Option<String> {
     }
 }
 
-/// A backend that answers the first request of each connection and closes the connection
-/// when the second one arrives, as a backend does when its idle timeout races a request.
-/// Returns its address, the number of connections and the request lines it answered.
+/// Starts a backend that responds to the first request of each connection and closes the
+/// connection when the second one arrives, as a backend does when its idle timeout races a
+/// request. Returns its address, the number of connections and the request lines it served.
 fn closing_backend() -> (SocketAddr, Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -556,8 +556,9 @@ fn h3_retries_stale_pooled_connection() {
     );
 }
 
-/// A backend that responds to the request head at once with a chunked body, then echoes each
-/// chunk of the chunked request body as it arrives. Returns its address and the request heads.
+/// Starts a backend that responds to the request head at once with a chunked body, then
+/// echoes each chunk of the chunked request body as it arrives. Returns its address and the
+/// request heads.
 fn echo_backend() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -673,6 +674,7 @@ fn h3_initial_flood_gets_retry() {
     let (edge, pki) = h3_edge("h3-flood", &backend, &[]);
     let ca = pki.ca_cert.der().clone();
     let before = metric_value(&edge, "edge_quic_retries_total");
+
     let (flood_statuses, legit_statuses) = block_on(async {
         // Every connection attempt sends real Initials from one address and port, far more
         // than the default limit of attempts per second from one source.
@@ -688,6 +690,7 @@ fn h3_initial_flood_gets_retry() {
                 })
             })
             .collect();
+
         // Another source keeps being served while the flood is handled.
         let legit = h3client::endpoint("127.0.0.2:0".parse().unwrap(), ca.clone());
         let mut legit_statuses = Vec::new();
@@ -699,12 +702,14 @@ fn h3_initial_flood_gets_retry() {
                 .unwrap();
             legit_statuses.push(reply.status);
         }
+
         let mut flood_statuses = Vec::new();
         for attempt in attempts {
             flood_statuses.push(attempt.await.unwrap());
         }
         (flood_statuses, legit_statuses)
     });
+
     let retries = metric_value(&edge, "edge_quic_retries_total") - before;
     assert!(retries > 0, "no Retry for {FLOOD} attempts from one source");
     assert_eq!(
@@ -712,7 +717,7 @@ fn h3_initial_flood_gets_retry() {
         vec![200; 3],
         "the other source was not served"
     );
-    // Connections that had to answer a Retry completed their handshake and got served.
+    // Connections that had to echo a Retry token completed their handshake and got served.
     let served = flood_statuses.iter().filter(|s| **s == Ok(200)).count();
     assert_eq!(served, FLOOD, "flood results: {flood_statuses:?}");
 }

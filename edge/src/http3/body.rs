@@ -13,7 +13,7 @@ use super::RecvHalf;
 /// Pieces of the request body buffered between the QUIC stream and the backend.
 pub(super) const BODY_CHANNEL_PIECES: usize = 4;
 
-/// What the edge knows about a request body when the request head arrives.
+/// Request body state when the request head arrives.
 pub(super) enum BodyStart {
     /// The client ended the stream after the head, or sent `content-length: 0`.
     Empty,
@@ -25,7 +25,7 @@ pub(super) enum BodyStart {
     },
 }
 
-/// Why a request body cannot be forwarded.
+/// Reason a request body cannot be forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum BodyError {
     /// `content-length` is not one decimal number.
@@ -37,7 +37,7 @@ pub(super) enum BodyError {
 }
 
 impl BodyError {
-    /// The status sent to the client for this error.
+    /// Returns the status sent to the client for this error.
     pub(super) fn status(self) -> u16 {
         match self {
             BodyError::InvalidLength | BodyError::Failed => 400,
@@ -46,7 +46,8 @@ impl BodyError {
     }
 }
 
-/// Finds out whether the request has a body without waiting for it when the client said so.
+/// Finds out whether the request has a body, without waiting for it when the request head
+/// already tells.
 ///
 /// A `content-length` decides at once. Without one, data or the end of the stream that have
 /// already arrived decide. Otherwise methods that usually carry a body (POST, PUT, PATCH and
@@ -129,7 +130,7 @@ fn usually_without_body(method: &Method) -> bool {
     )
 }
 
-/// Where the body pump sends what it reads from the client.
+/// Destination of the body pump: the backend side of the request.
 pub(super) trait BodySink {
     /// Sends one piece; an error means the backend side is gone.
     async fn send_data(&mut self, data: Bytes) -> Result<(), ()>;
@@ -137,7 +138,7 @@ pub(super) trait BodySink {
     async fn send_trailers(&mut self, trailers: HeaderMap) -> Result<(), ()>;
     /// Ends the body without trailers.
     async fn finish(&mut self) -> Result<(), ()>;
-    /// Ends the body with an error, so the backend sees an incomplete request.
+    /// Ends the body with an error, so the backend gets an incomplete request.
     fn abort(self, reason: &str);
 }
 

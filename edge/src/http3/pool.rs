@@ -86,7 +86,7 @@ impl H1Pool {
         });
     }
 
-    /// Closes expired idle connections and forgets those the backend closed.
+    /// Closes expired idle connections and drops those the backend closed.
     pub(super) fn sweep(&self) {
         let now = Instant::now();
         self.idle.borrow_mut().retain(|_, conns| {

@@ -36,9 +36,9 @@ const MAX_ATTEMPTS: usize = 3;
 /// Forwards one request to a backend of the router's service and streams the response back.
 ///
 /// A connection that fails to open is counted against its server and the next server is
-/// tried. A request that fails on a reused connection before its response head is sent once
-/// more on a fresh connection to the same server when it is idempotent and has no body,
-/// because the backend may have closed the idle connection as the request went out.
+/// tried. The backend may close an idle connection just as a request goes out on it. So a
+/// request that fails on a reused connection before its response head is sent once more on
+/// a fresh connection to the same server, when it is idempotent and has no body.
 pub(super) async fn proxy(
     ctx: &Rc<H3Ctx>,
     compiled: &Compiled,
@@ -62,6 +62,7 @@ pub(super) async fn proxy(
 
     // The body task starts now, so the request head does not wait for the first piece.
     let too_large = Rc::new(Cell::new(false));
+    // NOTE: a request with a body is never sent twice, because its streamed body is not kept.
     let replayable = matches!(start, BodyStart::Empty) && is_idempotent(fwd.method);
     let mut body: Option<UpstreamBody> = match start {
         BodyStart::Empty => None,
