@@ -234,6 +234,10 @@ fn start_edge(server: std::net::SocketAddr) -> (Edge, String) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // curl (OpenSSL) rejects a CA with an empty subject.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "edge gRPC test CA");
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
     let params = rcgen::CertificateParams::new(vec!["grpc.test".to_owned()]).unwrap();
@@ -526,4 +530,53 @@ async fn grpc_calls_over_http3() {
     // One client connection reaches one QUIC thread, which reused one backend connection.
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
     edge.expect_metric("edge_requests_total{route=\"grpc\",code=\"2xx\",protocol=\"h3\"} 4\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_http1_h2c_response_has_alt_svc() {
+    let (server, _) = start_server().await;
+    let (edge, ca_pem) = start_edge(server);
+    let ca = edge.dir.join("ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let message = edge.dir.join("message.bin");
+    // One gRPC message: not compressed, 2 bytes long, "hi".
+    std::fs::write(&message, [0u8, 0, 0, 0, 2, b'h', b'i']).unwrap();
+
+    let port = edge.https.port();
+    let resolve = format!("grpc.test:{port}:127.0.0.1");
+    let url = format!("https://grpc.test:{port}/test.Echo/Unary");
+    let data = format!("@{}", message.display());
+    let args = [
+        "--http1.1",
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "--cacert",
+        ca.to_str().unwrap(),
+        "--resolve",
+        &resolve,
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        "--data-binary",
+        &data,
+        &url,
+    ]
+    .map(str::to_owned);
+    let (code, out) = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        common::curl(&args)
+    })
+    .await
+    .unwrap();
+
+    assert_eq!(code, 0, "curl failed: {out}");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let expected = format!("alt-svc: h3=\":{port}\"; ma=86400");
+    assert!(
+        out.to_ascii_lowercase().contains(&expected),
+        "no Alt-Svc in:\n{out}"
+    );
 }
