@@ -6,14 +6,20 @@
 //!                             ├─ quinn endpoint on a SO_REUSEPORT UDP socket
 //!                             │    └─ connection task ─> request tasks ─> route
 //!                             │         ├─ no route / bad request ─> local response
-//!                             │         └─ backend over HTTP/1.1 (tokio + hyper)
-//!                             └─ housekeeping (access log flush)
+//!                             │         ├─ HTTP/1.1 backend (hyper, pooled: to_http1.rs)
+//!                             │         └─ h2c backend (h2, one connection each: h2c.rs)
+//!                             └─ housekeeping (access log flush, pool expiry, in-flight counts)
 //! ```
 //!
 //! quinn needs `Send + Sync` socket and timer types, which monoio's are not, so each worker
 //! gets a second thread with a tokio current-thread runtime, pinned to the same core. The
-//! worker's monoio upstream pools cannot be used from that thread; HTTP/3 requests open their
-//! own backend connections.
+//! worker's monoio upstream pools cannot be used from that thread, so the QUIC thread keeps
+//! its own pools and load-balancing state with the same limits.
+
+mod body;
+mod h2c;
+mod pool;
+mod to_http1;
 
 use std::{
     cell::{Cell, RefCell},
@@ -27,11 +33,10 @@ use std::{
 };
 
 use arc_swap::{cache::Cache, ArcSwap};
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use h3::server::RequestStream;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
 use quinn::{
     crypto::rustls::QuicServerConfig, ConnectionIdGenerator, EndpointConfig, TransportConfig,
     VarInt,
@@ -40,14 +45,13 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::{
     access_log::{AccessLog, Record},
-    forward::{forwarded_fields, local_response_text, ForwardInfo, RouteKey},
-    http1::head::is_hop_by_hop,
+    forward::{local_response_text, ForwardInfo, RouteKey},
     http2::stream::View,
     metrics::{bump, Protocol, UpstreamErrorKind},
     settings::canonical_ip,
     state::{Compiled, EntryPoint, Shared},
     tls::{self, SniResolver},
-    upstream::{Pick, Upstreams},
+    upstream::Upstreams,
     worker::RequestId,
 };
 
@@ -125,10 +129,13 @@ struct H3Ctx {
     shared: Arc<Shared>,
     snapshot: RefCell<Cache<Arc<ArcSwap<Compiled>>, Arc<Compiled>>>,
     upstreams: Rc<Upstreams>,
+    h1_pool: pool::H1Pool,
+    h2c: h2c::H2cPool,
     access_log: RefCell<AccessLog>,
     next_conn: Cell<u64>,
     next_request: Cell<u64>,
     local_port: u16,
+    last_upstream_warning: Cell<Option<Instant>>,
 }
 
 impl H3Ctx {
@@ -138,6 +145,36 @@ impl H3Ctx {
 
     fn metrics(&self) -> &crate::metrics::WorkerMetrics {
         &self.shared.metrics[self.id]
+    }
+
+    /// Returns whether a backend failure may be logged now: at most once a second per thread.
+    fn should_log_upstream_error(&self) -> bool {
+        let now = Instant::now();
+        let allowed = self
+            .last_upstream_warning
+            .get()
+            .is_none_or(|last| now.duration_since(last) >= Duration::from_secs(1));
+        if allowed {
+            self.last_upstream_warning.set(Some(now));
+        }
+        allowed
+    }
+
+    /// Closes expired idle backend connections and publishes this thread's requests in flight
+    /// per backend next to the workers' counts.
+    fn housekeeping(&self, sweep: bool) {
+        self.access_log.borrow_mut().flush();
+        let slot = self.shared.settings.workers + self.id;
+        if let Some(slot) = self.shared.in_flight.get(slot) {
+            *slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                self.upstreams.in_flight_counts();
+        }
+        if sweep {
+            self.h1_pool.sweep();
+            self.upstreams.sweep();
+        }
     }
 
     /// Ids share the worker's layout (worker id in the top 16 bits) with bit 47 set, so they
@@ -257,10 +294,13 @@ async fn quic_main(
         id,
         snapshot: RefCell::new(Cache::new(shared.current.clone())),
         upstreams: Rc::new(Upstreams::new(0, settings.upstream_idle_timeout)),
+        h1_pool: pool::H1Pool::new(settings.upstream_max_idle, settings.upstream_idle_timeout),
+        h2c: h2c::H2cPool::default(),
         access_log: RefCell::new(AccessLog::new(settings.access_log, settings.log_format)),
         next_conn: Cell::new(0),
         next_request: Cell::new(0),
         local_port,
+        last_upstream_warning: Cell::new(None),
         shared: shared.clone(),
     });
     info!(worker = id, port = local_port, "HTTP/3 endpoint started");
@@ -275,9 +315,10 @@ async fn quic_main(
         tokio::select! {
             _ = &mut stop => break,
             _ = tick.tick() => {
-                ctx.access_log.borrow_mut().flush();
                 ticks = ticks.wrapping_add(1);
-                if ticks.is_multiple_of(10) {
+                let new_second = ticks.is_multiple_of(10);
+                ctx.housekeeping(new_second);
+                if new_second {
                     attempts.clear();
                 }
             }
@@ -312,6 +353,8 @@ async fn quic_main(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     endpoint.close(VarInt::from_u32(0), b"shutting down");
+    ctx.h1_pool.clear();
+    ctx.h2c.clear();
     ctx.access_log.borrow_mut().flush();
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     info!(worker = id, "HTTP/3 endpoint stopped");
@@ -448,17 +491,18 @@ async fn serve_request(
                     local_port: ctx.local_port,
                     trusted_peer: ctx.shared.settings.is_trusted_proxy(peer.ip()),
                 };
-                let outcome = proxy(
-                    &ctx,
-                    &compiled,
-                    router.service,
-                    &parts,
-                    fwd,
-                    recv,
-                    &mut send,
-                )
-                .instrument(span)
-                .await;
+                // NOTE: the scheme of a service's first server decides the protocol for all of
+                // them, as on TCP.
+                let service = &compiled.services[router.service];
+                let outcome = if service.servers.first().is_some_and(|s| s.h2c) {
+                    h2c::proxy(&ctx, &compiled, router, &parts, fwd, recv, &mut send)
+                        .instrument(span)
+                        .await
+                } else {
+                    to_http1::proxy(&ctx, &compiled, router, &parts, fwd, recv, &mut send)
+                        .instrument(span)
+                        .await
+                };
                 router.stats.record(ctx.id, Protocol::Http3, outcome.status);
                 outcome
             }
@@ -487,238 +531,6 @@ async fn serve_request(
     });
 }
 
-/// Forwards one request to a backend of `service` over HTTP/1.1 and streams the response back.
-async fn proxy(
-    ctx: &Rc<H3Ctx>,
-    compiled: &Compiled,
-    service_index: usize,
-    parts: &http::request::Parts,
-    mut fwd: ForwardInfo<'_>,
-    mut recv: RecvHalf,
-    send: &mut SendHalf,
-) -> Outcome {
-    let service = &compiled.services[service_index];
-    if service.servers.first().is_some_and(|s| s.h2c) {
-        // TODO: h2c (gRPC) backends over HTTP/3. The h2c pool lives on the monoio worker.
-        return send_local(send, 502).await;
-    }
-    let (index, addr) = match ctx.upstreams.pick(compiled, service_index, &[]) {
-        Pick::Server { index, addr } => (index, addr),
-        Pick::NoServers | Pick::NoneAvailable => return send_local(send, 503).await,
-    };
-    let server = &service.servers[index];
-    let host = if service.pass_host_header && !fwd.raw_host.is_empty() {
-        fwd.raw_host
-    } else {
-        server.authority.as_bytes()
-    };
-    fwd.host = host;
-    let settings = &ctx.shared.settings;
-    let _in_flight = ctx.upstreams.start_request(addr);
-
-    // The request body: read its first piece so that a request without one goes out without
-    // framing, then stream the rest through a channel.
-    // NOTE: a client that waits for response headers before sending its body is not served.
-    let limit = settings
-        .max_request_body_bytes
-        .unwrap_or(DEFAULT_BODY_LIMIT);
-    let too_large = Rc::new(Cell::new(false));
-    let body: UpstreamBody = match recv.recv_data().await {
-        Ok(None) => Empty::new().map_err(|never| match never {}).boxed_unsync(),
-        Ok(Some(mut first)) => {
-            let (mut tx, channel) = http_body_util::channel::Channel::<Bytes, io::Error>::new(4);
-            let first = first.copy_to_bytes(first.remaining());
-            let too_large = too_large.clone();
-            tokio::task::spawn_local(async move {
-                let mut sent = first.len() as u64;
-                if sent > limit {
-                    too_large.set(true);
-                    tx.abort(io::Error::other("request body too large"));
-                    return;
-                }
-                if tx.send_data(first).await.is_err() {
-                    return;
-                }
-                loop {
-                    match recv.recv_data().await {
-                        Ok(Some(mut chunk)) => {
-                            let chunk = chunk.copy_to_bytes(chunk.remaining());
-                            sent += chunk.len() as u64;
-                            if sent > limit {
-                                too_large.set(true);
-                                tx.abort(io::Error::other("request body too large"));
-                                return;
-                            }
-                            if tx.send_data(chunk).await.is_err() {
-                                return;
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            tx.abort(io::Error::other(e.to_string()));
-                            return;
-                        }
-                    }
-                }
-                if let Ok(Some(trailers)) = recv.recv_trailers().await {
-                    let _ = tx.send_trailers(trailers).await;
-                }
-            });
-            channel.boxed_unsync()
-        }
-        Err(e) => {
-            debug!(error = %e, "reading the request body failed");
-            return send_local(send, 400).await;
-        }
-    };
-
-    let mut headers = HeaderMap::new();
-    if let Ok(value) = HeaderValue::from_bytes(host) {
-        headers.insert(header::HOST, value);
-    }
-    let fields = parts.headers.iter().filter_map(|(name, value)| {
-        let name = name.as_str().as_bytes();
-        (!(is_hop_by_hop(name) || name == b"host")).then_some((name, value.as_bytes()))
-    });
-    forwarded_fields(&fwd, fields, |name, value| {
-        if let (Ok(name), Ok(value)) =
-            (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
-        {
-            headers.append(name, value);
-        }
-    });
-    let target = std::str::from_utf8(fwd.target).unwrap_or("/");
-    let mut upstream_request = Request::new(body);
-    *upstream_request.method_mut() = parts.method.clone();
-    *upstream_request.uri_mut() = match target.parse() {
-        Ok(uri) => uri,
-        Err(_) => return send_local(send, 400).await,
-    };
-    *upstream_request.headers_mut() = headers;
-
-    // NOTE: no connection reuse to backends from the QUIC thread yet: one connection per
-    // request. The monoio pools of the worker cannot be used from this thread.
-    let tcp = match tokio::time::timeout(
-        settings.upstream_connect_timeout,
-        tokio::net::TcpStream::connect(addr),
-    )
-    .await
-    {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => {
-            return upstream_failed(ctx, send, addr, UpstreamErrorKind::Connect, &e.to_string())
-                .await
-        }
-        Err(_) => {
-            return upstream_failed(
-                ctx,
-                send,
-                addr,
-                UpstreamErrorKind::ConnectTimeout,
-                "no answer",
-            )
-            .await
-        }
-    };
-    let _ = tcp.set_nodelay(true);
-    let (mut sender, connection) = match hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-    {
-        Ok(pair) => pair,
-        Err(e) => {
-            return upstream_failed(ctx, send, addr, UpstreamErrorKind::Protocol, &e.to_string())
-                .await
-        }
-    };
-    tokio::task::spawn_local(async move {
-        if let Err(e) = connection.await {
-            debug!(error = %e, "backend connection ended with an error");
-        }
-    });
-    let response = match tokio::time::timeout(
-        settings.upstream_response_timeout,
-        sender.send_request(upstream_request),
-    )
-    .await
-    {
-        Ok(Ok(response)) => response,
-        Ok(Err(e)) => {
-            if too_large.get() {
-                return send_local(send, 413).await;
-            }
-            return upstream_failed(ctx, send, addr, UpstreamErrorKind::Protocol, &e.to_string())
-                .await;
-        }
-        Err(_) => {
-            ctx.metrics()
-                .upstream_error(UpstreamErrorKind::ResponseTimeout);
-            let mut outcome = send_local(send, 504).await;
-            outcome.upstream = Some(addr);
-            return outcome;
-        }
-    };
-    ctx.upstreams.mark_ok(addr);
-    let (head, mut body) = response.into_parts();
-    let status = head.status.as_u16();
-    let listed: Vec<HeaderName> = head
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    let mut client_head = Response::new(());
-    *client_head.status_mut() = head.status;
-    for (name, value) in &head.headers {
-        if is_hop_by_hop(name.as_str().as_bytes())
-            || listed.contains(name)
-            || name == header::TRANSFER_ENCODING
-        {
-            continue;
-        }
-        client_head
-            .headers_mut()
-            .append(name.clone(), value.clone());
-    }
-    let mut outcome = Outcome {
-        status,
-        bytes: 0,
-        upstream: Some(addr),
-    };
-    if let Err(e) = send.send_response(client_head).await {
-        debug!(error = %e, "sending the response head failed");
-        return outcome;
-    }
-    loop {
-        match body.frame().await {
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => {
-                    outcome.bytes += data.len() as u64;
-                    if let Err(e) = send.send_data(data).await {
-                        debug!(error = %e, "client stopped reading the response");
-                        return outcome;
-                    }
-                }
-                Err(frame) => {
-                    if let Ok(trailers) = frame.into_trailers() {
-                        let _ = send.send_trailers(trailers).await;
-                        return outcome;
-                    }
-                }
-            },
-            Some(Err(e)) => {
-                debug!(error = %e, "backend response body failed");
-                send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
-                return outcome;
-            }
-            None => break,
-        }
-    }
-    let _ = send.finish().await;
-    outcome
-}
-
 /// Counts and logs a failed backend exchange, then responds with 502.
 async fn upstream_failed(
     ctx: &H3Ctx,
@@ -729,7 +541,9 @@ async fn upstream_failed(
 ) -> Outcome {
     ctx.metrics().upstream_error(kind);
     ctx.upstreams.mark_failed(addr);
-    warn!(upstream = %addr, error = %message, "HTTP/3 request to the backend failed");
+    if ctx.should_log_upstream_error() {
+        warn!(upstream = %addr, error = %message, "HTTP/3 request to the backend failed");
+    }
     let mut outcome = send_local(send, 502).await;
     outcome.upstream = Some(addr);
     outcome

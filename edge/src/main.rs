@@ -211,7 +211,8 @@ fn run(args: RunArgs, fixed_snapshot: Option<Snapshot>) -> anyhow::Result<()> {
         route_stats,
         unrouted_stats: Arc::new(RouteStats::new(settings.workers)),
         ready_workers: Default::default(),
-        in_flight: (0..settings.workers)
+        // One list per worker, then one per QUIC thread.
+        in_flight: (0..settings.workers * 2)
             .map(|_| Mutex::new(Vec::new()))
             .collect(),
         fallback_cert,

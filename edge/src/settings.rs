@@ -133,7 +133,7 @@ pub struct RunArgs {
     /// backend wins.
     #[arg(long, global = true, env = "EDGE_UPSTREAM_IDLE_TIMEOUT", default_value = "4s", value_parser = humantime::parse_duration)]
     pub upstream_idle_timeout: Duration,
-    /// Maximum idle pooled connections per backend and worker.
+    /// Maximum idle pooled connections per backend, per worker and per QUIC thread.
     #[arg(
         long,
         global = true,

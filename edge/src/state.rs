@@ -158,8 +158,9 @@ pub struct Shared {
     /// Counters for requests answered without a route (404, redirects, 400s).
     pub unrouted_stats: Arc<RouteStats>,
     pub ready_workers: AtomicUsize,
-    /// Requests in flight per backend, one list per worker, republished by each worker every
-    /// housekeeping tick so that the request path takes no lock.
+    /// Requests in flight per backend: one list per worker, then one per worker's QUIC
+    /// thread (index `workers + id`), republished by each thread every housekeeping tick so
+    /// that the request path takes no lock.
     pub in_flight: Box<[Mutex<InFlightCounts>]>,
     pub fallback_cert: Arc<CertifiedKey>,
     pub ticketer: Arc<dyn rustls::server::ProducesTickets>,

@@ -234,6 +234,10 @@ fn start_edge(server: std::net::SocketAddr) -> (Edge, String) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // curl (OpenSSL) rejects a CA with an empty subject.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "edge gRPC test CA");
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
     let params = rcgen::CertificateParams::new(vec!["grpc.test".to_owned()]).unwrap();
@@ -422,5 +426,157 @@ async fn http1_request_reaches_h2c_backend() {
     assert!(
         text.contains("\r\n0\r\ngrpc-status: 0\r\n"),
         "response: {text:?}"
+    );
+}
+
+/// Frames one gRPC message: not compressed, then the length and the bytes.
+fn grpc_frame(message: &[u8]) -> bytes::Bytes {
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(message);
+    frame.into()
+}
+
+/// Builds a gRPC request over HTTP/3 for `method`, with `extra` header fields.
+fn h3_grpc_request(method: &str, extra: &[(&str, &str)]) -> http::Request<()> {
+    let mut request = http::Request::post(format!("https://grpc.test/test.Echo/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in extra {
+        request = request.header(*name, *value);
+    }
+    request.body(()).unwrap()
+}
+
+#[tokio::test]
+async fn grpc_calls_over_http3() {
+    use bytes::Buf;
+    use common::h3client::{self, Client, STEP_LIMIT};
+    use rustls_pki_types::{pem::PemObject, CertificateDer};
+
+    let (server, accepted) = start_server().await;
+    let (edge, ca_pem) = start_edge(server);
+    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap();
+    let endpoint = h3client::endpoint("127.0.0.1:0".parse().unwrap(), ca);
+    let mut client = Client::connect(&endpoint, edge.https, "grpc.test")
+        .await
+        .unwrap();
+
+    // Unary: the reply message, then the status in HTTP/3 trailers.
+    let reply = client
+        .request(h3_grpc_request("Unary", &[]), Some(grpc_frame(b"hi")), None)
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, grpc_frame(b"echo: hi"));
+    assert_eq!(reply.headers["x-seen-te"], "trailers");
+    let trailers = reply.trailers.expect("no trailers after the reply");
+    assert_eq!(trailers["grpc-status"], "0");
+
+    // A trailers-only error: the status is in the response head, with no body or trailers.
+    let reply = client
+        .request(h3_grpc_request("Fail", &[]), Some(grpc_frame(b"")), None)
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.headers["grpc-status"], "5");
+    // gRPC percent-encodes the message on the wire.
+    assert_eq!(reply.headers["grpc-message"], "no%20such%20record");
+    assert!(reply.body.is_empty());
+    assert!(reply.trailers.is_none());
+
+    // Bidirectional streaming: each reply arrives before the next message is sent.
+    let mut stream = client.open(h3_grpc_request("Chat", &[])).await.unwrap();
+    let mut replies = Vec::new();
+    for word in ["one", "two"] {
+        stream.send_data(grpc_frame(word.as_bytes())).await.unwrap();
+        if word == "one" {
+            let head = tokio::time::timeout(STEP_LIMIT, stream.recv_response())
+                .await
+                .expect("no response head while the request streams")
+                .unwrap();
+            assert_eq!(head.status(), 200);
+        }
+        let mut piece = tokio::time::timeout(STEP_LIMIT, stream.recv_data())
+            .await
+            .expect("no reply while the request streams")
+            .unwrap()
+            .expect("the response ended early");
+        replies.push(piece.copy_to_bytes(piece.remaining()));
+    }
+    assert_eq!(
+        replies,
+        vec![grpc_frame(b"re: one"), grpc_frame(b"re: two")]
+    );
+    stream.finish().await.unwrap();
+    let rest = h3client::read_reply_rest(&mut stream).await.unwrap();
+    assert!(rest.0.is_empty(), "data after the last reply");
+    assert_eq!(rest.1.expect("no trailers")["grpc-status"], "0");
+
+    // The deadline in grpc-timeout ends a stalled call at the edge, in the trailers.
+    let reply = client
+        .request(
+            h3_grpc_request("Stall", &[("grpc-timeout", "500m")]),
+            Some(grpc_frame(b"")),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.body, grpc_frame(b"first"));
+    let trailers = reply.trailers.expect("no trailers after the deadline");
+    assert_eq!(trailers["grpc-status"], "4");
+    assert_eq!(trailers["grpc-message"], "deadline exceeded");
+
+    // One client connection reaches one QUIC thread, which reused one backend connection.
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    edge.expect_metric("edge_requests_total{route=\"grpc\",code=\"2xx\",protocol=\"h3\"} 4\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_http1_h2c_response_has_alt_svc() {
+    let (server, _) = start_server().await;
+    let (edge, ca_pem) = start_edge(server);
+    let ca = edge.dir.join("ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let message = edge.dir.join("message.bin");
+    // One gRPC message: not compressed, 2 bytes long, "hi".
+    std::fs::write(&message, [0u8, 0, 0, 0, 2, b'h', b'i']).unwrap();
+
+    let port = edge.https.port();
+    let resolve = format!("grpc.test:{port}:127.0.0.1");
+    let url = format!("https://grpc.test:{port}/test.Echo/Unary");
+    let data = format!("@{}", message.display());
+    let args = [
+        "--http1.1",
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "--cacert",
+        ca.to_str().unwrap(),
+        "--resolve",
+        &resolve,
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        "--data-binary",
+        &data,
+        &url,
+    ]
+    .map(str::to_owned);
+    let (code, out) = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        common::curl(&args)
+    })
+    .await
+    .unwrap();
+
+    assert_eq!(code, 0, "curl failed: {out}");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let expected = format!("alt-svc: h3=\":{port}\"; ma=86400");
+    assert!(
+        out.to_ascii_lowercase().contains(&expected),
+        "no Alt-Svc in:\n{out}"
     );
 }

@@ -1,12 +1,26 @@
 //! HTTP/3: a quinn + h3 client gets responses through the edge with the certificate chosen by
 //! SNI, unknown hosts get 404, and HTTPS responses over TCP advertise HTTP/3 with Alt-Svc.
+//! Backend connections are reused, request bodies stream before their first byte arrives, and
+//! a flood of Initials from one source gets Retry packets.
 
 mod common;
 
-use std::{net::SocketAddr, path::Path, sync::Arc};
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+};
 
-use bytes::Buf;
-use common::{curl, Backend, Edge};
+use bytes::{Buf, Bytes};
+use common::{
+    curl,
+    h3client::{self, block_on, Client},
+    Backend, BackendOptions, Edge,
+};
 
 /// A test CA and leaf certificates signed by it, written as PEM files.
 struct Pki {
@@ -363,4 +377,347 @@ fn retry_validates_busy_source() {
     }
     edge.expect_metric("edge_quic_retries_total 20\n");
     edge.expect_metric("edge_requests_total{route=\"a\",code=\"2xx\",protocol=\"h3\"} 20\n");
+}
+
+fn get(authority: &str, path: &str) -> http::Request<()> {
+    http::Request::get(format!("https://{authority}{path}"))
+        .body(())
+        .unwrap()
+}
+
+fn post(authority: &str, path: &str) -> http::Request<()> {
+    http::Request::post(format!("https://{authority}{path}"))
+        .body(())
+        .unwrap()
+}
+
+/// Sends `requests` one after another on one HTTP/3 connection from 127.0.0.1 and returns
+/// the statuses and bodies. One connection keeps every request on the same QUIC thread.
+fn h3_sequence(
+    edge: &Edge,
+    pki: &Pki,
+    requests: Vec<(http::Request<()>, Option<&'static str>)>,
+) -> Vec<(u16, String)> {
+    block_on(async {
+        let endpoint =
+            h3client::endpoint("127.0.0.1:0".parse().unwrap(), pki.ca_cert.der().clone());
+        let mut client = Client::connect(&endpoint, edge.https, "a.test")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for (request, body) in requests {
+            let reply = client
+                .request(
+                    request,
+                    body.map(|b| Bytes::from_static(b.as_bytes())),
+                    None,
+                )
+                .await
+                .unwrap();
+            out.push((reply.status, reply.text()));
+        }
+        out
+    })
+}
+
+#[test]
+fn h3_reuses_backend_connection() {
+    let backend = Backend::start("b");
+    let (edge, pki) = h3_edge("h3-pool", &backend, &[]);
+    let mut upload = post("a.test", "/upload");
+    upload
+        .headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(5));
+    let replies = h3_sequence(
+        &edge,
+        &pki,
+        vec![
+            (get("a.test", "/one"), None),
+            (upload, Some("hello")),
+            (get("a.test", "/two"), None),
+        ],
+    );
+    assert_eq!(replies[0], (200, "b /one 0".to_owned()));
+    assert_eq!(replies[1], (200, "b /upload 5".to_owned()));
+    assert_eq!(replies[2], (200, "b /two 0".to_owned()));
+    assert_eq!(
+        backend.connections.load(Ordering::SeqCst),
+        1,
+        "three requests share one backend connection"
+    );
+    let requests = backend.requests.lock().unwrap().clone();
+    assert_eq!(requests[1].header("content-length"), Some("5"));
+    assert_eq!(requests[1].header("transfer-encoding"), None);
+    // A GET without a body goes out without any body framing.
+    assert_eq!(requests[2].header("content-length"), None);
+    assert_eq!(requests[2].header("transfer-encoding"), None);
+}
+
+#[test]
+fn h3_pool_honours_backend_keep_alive() {
+    // `Keep-Alive: timeout=1` leaves no time to reuse the connection safely.
+    let backend = Backend::start_with(BackendOptions {
+        keep_alive_header: Some(1),
+        ..BackendOptions::named("b")
+    });
+    let (edge, pki) = h3_edge("h3-keepalive", &backend, &[]);
+    let replies = h3_sequence(
+        &edge,
+        &pki,
+        vec![(get("a.test", "/one"), None), (get("a.test", "/two"), None)],
+    );
+    assert_eq!(replies[0].0, 200);
+    assert_eq!(replies[1].0, 200);
+    assert_eq!(backend.connections.load(Ordering::SeqCst), 2);
+}
+
+/// Reads one HTTP/1.1 request head from `reader`; returns its request line, or `None` at EOF.
+fn read_head(reader: &mut BufReader<TcpStream>) -> Option<String> {
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).ok()? == 0 {
+        return None;
+    }
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        if line.trim_end().is_empty() {
+            return Some(request_line.trim_end().to_owned());
+        }
+    }
+}
+
+/// Starts a backend that responds to the first request of each connection and closes the
+/// connection when the second one arrives, as a backend does when its idle timeout races a
+/// request. Returns its address, the number of connections and the request lines it served.
+fn closing_backend() -> (SocketAddr, Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(Mutex::new(Vec::new()));
+    let (count, seen) = (connections.clone(), answered.clone());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            let number = count.fetch_add(1, Ordering::SeqCst) + 1;
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut writer = stream.try_clone().unwrap();
+                let mut reader = BufReader::new(stream);
+                let Some(line) = read_head(&mut reader) else {
+                    return;
+                };
+                let text = format!("conn {number}");
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{text}",
+                    text.len()
+                );
+                writer.write_all(response.as_bytes()).unwrap();
+                seen.lock().unwrap().push(line);
+                // The second request is read and then dropped with the connection.
+                let _ = read_head(&mut reader);
+            });
+        }
+    });
+    (addr, connections, answered)
+}
+
+#[test]
+fn h3_retries_stale_pooled_connection() {
+    let (addr, connections, answered) = closing_backend();
+    let backend = Backend {
+        addr,
+        connections: connections.clone(),
+        requests: Default::default(),
+    };
+    let (edge, pki) = h3_edge("h3-stale", &backend, &[]);
+    let mut upload = post("a.test", "/upload");
+    upload
+        .headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(1));
+    let replies = h3_sequence(
+        &edge,
+        &pki,
+        vec![
+            (get("a.test", "/first"), None),
+            (get("a.test", "/second"), None),
+            (upload, Some("x")),
+        ],
+    );
+    assert_eq!(replies[0], (200, "conn 1".to_owned()));
+    // The pooled connection closes under the GET, which is sent again on a new one.
+    assert_eq!(replies[1], (200, "conn 2".to_owned()));
+    // A POST is not idempotent, so the same failure is not retried.
+    assert_eq!(replies[2].0, 502);
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        *answered.lock().unwrap(),
+        vec!["GET /first HTTP/1.1", "GET /second HTTP/1.1"]
+    );
+}
+
+/// Starts a backend that responds to the request head at once with a chunked body, then
+/// echoes each chunk of the chunked request body as it arrives. Returns its address and the
+/// request heads.
+fn echo_backend() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut writer = stream.try_clone().unwrap();
+                let mut reader = BufReader::new(stream);
+                let mut head = String::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line.trim_end().is_empty() {
+                        break;
+                    }
+                    head.push_str(&line.to_ascii_lowercase());
+                }
+                seen.lock().unwrap().push(head);
+                writer
+                    .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    .unwrap();
+                loop {
+                    let mut size_line = String::new();
+                    if reader.read_line(&mut size_line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let size = usize::from_str_radix(size_line.trim_end(), 16).unwrap();
+                    let mut chunk = vec![0; size + 2];
+                    reader.read_exact(&mut chunk).unwrap();
+                    chunk.truncate(size);
+                    let echo = format!("{size:x}\r\n{}\r\n", String::from_utf8(chunk).unwrap());
+                    writer.write_all(echo.as_bytes()).unwrap();
+                    if size == 0 {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+#[test]
+fn h3_body_streams_before_first_byte() {
+    let (addr, heads) = echo_backend();
+    let backend = Backend {
+        addr,
+        connections: Default::default(),
+        requests: Default::default(),
+    };
+    let (edge, pki) = h3_edge("h3-stream-body", &backend, &[]);
+    let echoed = block_on(async {
+        let endpoint =
+            h3client::endpoint("127.0.0.1:0".parse().unwrap(), pki.ca_cert.der().clone());
+        let mut client = Client::connect(&endpoint, edge.https, "a.test")
+            .await
+            .unwrap();
+        let mut stream = client.open(post("a.test", "/echo")).await.unwrap();
+        // No body byte has been sent: the response head must come anyway.
+        let response = tokio::time::timeout(h3client::STEP_LIMIT, stream.recv_response())
+            .await
+            .expect("no response head before the request body")
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut echoed = Vec::new();
+        for word in ["ping", "pong"] {
+            stream
+                .send_data(Bytes::from_static(word.as_bytes()))
+                .await
+                .unwrap();
+            let mut piece = tokio::time::timeout(h3client::STEP_LIMIT, stream.recv_data())
+                .await
+                .expect("no echo of the request body piece")
+                .unwrap()
+                .expect("the response ended early");
+            echoed
+                .push(String::from_utf8(piece.copy_to_bytes(piece.remaining()).to_vec()).unwrap());
+        }
+        stream.finish().await.unwrap();
+        let end = tokio::time::timeout(h3client::STEP_LIMIT, stream.recv_data())
+            .await
+            .expect("the response did not end")
+            .unwrap();
+        assert!(end.is_none(), "data after the echo");
+        echoed
+    });
+    assert_eq!(echoed, vec!["ping", "pong"]);
+    let heads = heads.lock().unwrap();
+    assert!(
+        heads[0].contains("transfer-encoding: chunked"),
+        "a body of unknown length goes out chunked:\n{}",
+        heads[0]
+    );
+}
+
+/// Reads one counter from the edge's /metrics.
+fn metric_value(edge: &Edge, name: &str) -> u64 {
+    let text = common::request(edge.admin, "GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n").text();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
+#[test]
+fn h3_initial_flood_gets_retry() {
+    const FLOOD: usize = 64;
+    let backend = Backend::start("b");
+    let (edge, pki) = h3_edge("h3-flood", &backend, &[]);
+    let ca = pki.ca_cert.der().clone();
+    let before = metric_value(&edge, "edge_quic_retries_total");
+
+    let (flood_statuses, legit_statuses) = block_on(async {
+        // Every connection attempt sends real Initials from one address and port, far more
+        // than the default limit of attempts per second from one source.
+        let flooder = h3client::endpoint("127.0.0.1:0".parse().unwrap(), ca.clone());
+        let attempts: Vec<_> = (0..FLOOD)
+            .map(|_| {
+                let flooder = flooder.clone();
+                let server = edge.https;
+                tokio::spawn(async move {
+                    let mut client = Client::connect(&flooder, server, "a.test").await?;
+                    let reply = client.request(get("a.test", "/flood"), None, None).await?;
+                    Ok::<u16, String>(reply.status)
+                })
+            })
+            .collect();
+
+        // Another source keeps being served while the flood is handled.
+        let legit = h3client::endpoint("127.0.0.2:0".parse().unwrap(), ca.clone());
+        let mut legit_statuses = Vec::new();
+        for _ in 0..3 {
+            let mut client = Client::connect(&legit, edge.https, "a.test").await.unwrap();
+            let reply = client
+                .request(get("a.test", "/legit"), None, None)
+                .await
+                .unwrap();
+            legit_statuses.push(reply.status);
+        }
+
+        let mut flood_statuses = Vec::new();
+        for attempt in attempts {
+            flood_statuses.push(attempt.await.unwrap());
+        }
+        (flood_statuses, legit_statuses)
+    });
+
+    let retries = metric_value(&edge, "edge_quic_retries_total") - before;
+    assert!(retries > 0, "no Retry for {FLOOD} attempts from one source");
+    assert_eq!(
+        legit_statuses,
+        vec![200; 3],
+        "the other source was not served"
+    );
+    // Connections that had to echo a Retry token completed their handshake and got served.
+    let served = flood_statuses.iter().filter(|s| **s == Ok(200)).count();
+    assert_eq!(served, FLOOD, "flood results: {flood_statuses:?}");
 }

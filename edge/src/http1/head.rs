@@ -486,7 +486,7 @@ fn parse_content_length(value: &[u8]) -> Result<u64, HeadError> {
     Ok(n)
 }
 
-fn parse_keep_alive_timeout(value: &[u8]) -> Option<u64> {
+pub fn parse_keep_alive_timeout(value: &[u8]) -> Option<u64> {
     for param in split_list(value) {
         let Some(eq) = param.iter().position(|&b| b == b'=') else {
             continue;

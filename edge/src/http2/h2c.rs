@@ -31,7 +31,7 @@ use crate::{
 };
 
 /// gRPC status DEADLINE_EXCEEDED.
-const GRPC_DEADLINE_EXCEEDED: &str = "4";
+pub(crate) const GRPC_DEADLINE_EXCEEDED: &str = "4";
 
 /// Forwards the stream to an h2c server of the router's service.
 pub async fn proxy_h2c(
@@ -144,14 +144,14 @@ pub async fn proxy_h2c(
 }
 
 /// Returns whether the request is gRPC, by its content type.
-fn is_grpc(headers: &HeaderMap) -> bool {
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// Parses `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
-fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+pub(crate) fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     if digits.is_empty() || digits.len() > 8 {

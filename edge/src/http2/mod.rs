@@ -10,3 +10,4 @@ pub(crate) mod stream;
 mod to_http1;
 
 pub use conn::serve;
+pub(crate) use h2c::{grpc_timeout, is_grpc, GRPC_DEADLINE_EXCEEDED};

@@ -2,6 +2,8 @@
 //! backend built on std sockets.
 #![allow(dead_code)]
 
+pub mod h3client;
+
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},

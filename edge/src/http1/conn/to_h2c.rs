@@ -284,10 +284,16 @@ where
     out.push(b' ');
     out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
+    // Over TLS the edge's Alt-Svc replaces the backend's, as on the other paths.
+    let alt_svc = ctx.shared.settings.alt_svc.as_ref().filter(|_| req.tls);
     for (name, value) in &parts.headers {
-        if !is_hop_by_hop(name.as_str().as_bytes()) {
+        let replaced = alt_svc.is_some() && name == http::header::ALT_SVC;
+        if !is_hop_by_hop(name.as_str().as_bytes()) && !replaced {
             push_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
+    }
+    if let Some(alt_svc) = alt_svc {
+        push_field(out, b"Alt-Svc", alt_svc.as_bytes());
     }
     if chunked {
         out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
