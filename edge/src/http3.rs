@@ -403,13 +403,23 @@ async fn serve_connection(ctx: Rc<H3Ctx>, incoming: quinn::Incoming) {
             match h3_conn.accept().await {
                 Ok(Some(resolver)) => {
                     let ctx = ctx.clone();
+                    let header_timeout = ctx.shared.settings.header_read_timeout;
                     tokio::task::spawn_local(
                         async move {
-                            match resolver.resolve_request().await {
-                                Ok((request, stream)) => {
+                            // A stream whose HEADERS frame never completes would otherwise stay
+                            // open for as long as the client keeps the connection alive.
+                            // Dropping the resolver stops the stream; the connection goes on.
+                            match tokio::time::timeout(header_timeout, resolver.resolve_request())
+                                .await
+                            {
+                                Ok(Ok((request, stream))) => {
                                     serve_request(ctx, peer, conn_id, request, stream).await;
                                 }
-                                Err(e) => debug!(error = %e, "invalid HTTP/3 request"),
+                                Ok(Err(e)) => debug!(error = %e, "invalid HTTP/3 request"),
+                                Err(_) => {
+                                    bump(&ctx.metrics().h3_header_timeouts);
+                                    debug!("HTTP/3 request headers timed out");
+                                }
                             }
                         }
                         .in_current_span(),

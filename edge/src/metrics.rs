@@ -93,6 +93,8 @@ pub struct WorkerMetrics {
     pub quic_retries: AtomicU64,
     /// QUIC connections that completed the handshake on this worker.
     pub quic_connections: AtomicU64,
+    /// HTTP/3 request streams stopped because their headers did not arrive in time.
+    pub h3_header_timeouts: AtomicU64,
     upstream_errors: [AtomicU64; 5],
     h2_connections: AtomicU64,
     h2_abuse_closed: AtomicU64,
@@ -241,6 +243,12 @@ pub fn render(shared: &Shared) -> String {
             "counter",
             "QUIC connection attempts sent a Retry to validate the client's address.",
             sum(&|m| m.quic_retries.load(Relaxed)),
+        ),
+        (
+            "edge_h3_header_timeouts_total",
+            "counter",
+            "HTTP/3 request streams stopped because their headers were incomplete after the header read timeout.",
+            sum(&|m| m.h3_header_timeouts.load(Relaxed)),
         ),
         (
             "edge_h2_connections_total",

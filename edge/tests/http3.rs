@@ -721,3 +721,54 @@ fn h3_initial_flood_gets_retry() {
     let served = flood_statuses.iter().filter(|s| **s == Ok(200)).count();
     assert_eq!(served, FLOOD, "flood results: {flood_statuses:?}");
 }
+
+#[test]
+fn h3_incomplete_headers_stream_stopped() {
+    let backend = Backend::start("b");
+    let (edge, pki) = h3_edge(
+        "h3-slow-headers",
+        &backend,
+        &["--header-read-timeout", "1s"],
+    );
+    let status = block_on(async {
+        let endpoint =
+            h3client::endpoint("127.0.0.1:0".parse().unwrap(), pki.ca_cert.der().clone());
+        let conn = endpoint
+            .connect(edge.https, "a.test")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut driver, mut send_request) =
+            h3::client::new(h3_quinn::Connection::new(conn.clone()))
+                .await
+                .unwrap();
+        let drive = tokio::spawn(async move {
+            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+        });
+
+        // A request stream with the start of a HEADERS frame (type 0x01, 100 bytes announced)
+        // and only 10 of its bytes, then silence.
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let mut partial = vec![0x01, 0x40, 0x64];
+        partial.extend_from_slice(&[0u8; 10]);
+        send.write_all(&partial).await.unwrap();
+        let ended =
+            tokio::time::timeout(std::time::Duration::from_secs(30), recv.read_to_end(1024)).await;
+        assert!(
+            ended.is_ok(),
+            "the edge kept a stream with incomplete headers open"
+        );
+
+        // The connection itself keeps serving.
+        let mut stream = send_request
+            .send_request(get("a.test", "/after"))
+            .await
+            .unwrap();
+        stream.finish().await.unwrap();
+        let response = stream.recv_response().await.unwrap();
+        drive.abort();
+        response.status().as_u16()
+    });
+    assert_eq!(status, 200);
+    assert_eq!(metric_value(&edge, "edge_h3_header_timeouts_total"), 1);
+}
