@@ -186,7 +186,11 @@ pub fn handle(settings: &FilterSettings, request: &CtlRequest) -> CtlResponse {
                 // The edge has not loaded its filter: list the saved blocks, which apply
                 // when it does.
                 let now = unix_now_ms();
-                let blocks = settings.blocks_file.as_deref().map(load_blocks).unwrap_or_default();
+                let blocks = settings
+                    .blocks_file
+                    .as_deref()
+                    .map(load_blocks)
+                    .unwrap_or_default();
                 CtlResponse::ok(json!(blocks
                     .iter()
                     .filter(|b| b.expires_unix_ms.is_none_or(|at| at > now))

@@ -308,10 +308,12 @@ mod tests {
                 servers,
                 balance,
                 pass_host_header: true,
+                servers_transport: None,
             }],
             certificates: Vec::new(),
             default_certificate: None,
             acme_challenges: Default::default(),
+            servers_transports: Vec::new(),
         };
         let fallback = crate::tls::self_signed_default().unwrap();
         state::compile_with(&snapshot, fallback, &Mutex::new(HashMap::new()), 1).unwrap()
