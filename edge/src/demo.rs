@@ -130,6 +130,6 @@ pub fn snapshot(backend: SocketAddr) -> Snapshot {
         certificates: Vec::new(),
         default_certificate: None,
         acme_challenges: Default::default(),
-            servers_transports: Vec::new(),
+        servers_transports: Vec::new(),
     }
 }

@@ -88,24 +88,25 @@ impl Pebble {
         let dns_port = free_port();
         let dns_management = free_port();
         let (dns, _) = Process::spawn(
-            Command::new("pebble-challtestsrv").args([
-                "-defaultIPv4",
-                "127.0.0.1",
-                "-defaultIPv6",
-                "",
-                "-dns01",
-                &format!("127.0.0.1:{dns_port}"),
-                "-http01",
-                "",
-                "-https01",
-                "",
-                "-tlsalpn01",
-                "",
-                "-management",
-                &format!("127.0.0.1:{dns_management}"),
-            ])
-            // pebble-challtestsrv writes its pid file into its working directory.
-            .current_dir(&dir),
+            Command::new("pebble-challtestsrv")
+                .args([
+                    "-defaultIPv4",
+                    "127.0.0.1",
+                    "-defaultIPv6",
+                    "",
+                    "-dns01",
+                    &format!("127.0.0.1:{dns_port}"),
+                    "-http01",
+                    "",
+                    "-https01",
+                    "",
+                    "-tlsalpn01",
+                    "",
+                    "-management",
+                    &format!("127.0.0.1:{dns_management}"),
+                ])
+                // pebble-challtestsrv writes its pid file into its working directory.
+                .current_dir(&dir),
             "Starting management server",
         );
 
