@@ -54,11 +54,13 @@ impl std::fmt::Debug for UpstreamTls {
     }
 }
 
-/// The settings built so far, by servers transport and URL host. Locked only while a snapshot
-/// is compiled.
+/// The inputs of one server's TLS settings: its servers transport and its URL host.
+type SettingsKey = (Option<ServersTransport>, String);
+
+/// The settings built so far. Locked only while a snapshot is compiled.
 #[derive(Default)]
 pub struct UpstreamTlsCache {
-    entries: Mutex<HashMap<(Option<ServersTransport>, String), Arc<UpstreamTls>>>,
+    entries: Mutex<HashMap<SettingsKey, Arc<UpstreamTls>>>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(PLAIN + 1);
