@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use edge_proto::{Balance, Router, Server, ServerState, Service, Snapshot};
+use edge_proto::{Balance, Router, Server, ServerState, ServersTransport, Service, Snapshot};
 
 use crate::labels::{
     self, capitalized, Declared, LabelError, MiddlewareConfig, Reference, RouterConfig,
@@ -78,6 +78,8 @@ pub struct Desired {
     pub services: Vec<DesiredService>,
     /// Certificates that served routers request from an ACME resolver, sorted.
     pub certificates: Vec<CertificateRequest>,
+    /// The routes file's servers transports, which services of both sources may use.
+    pub servers_transports: Vec<ServersTransport>,
     /// Every problem, errors and warnings, sorted by container and key.
     pub errors: Vec<LabelError>,
 }
@@ -91,6 +93,9 @@ pub struct DesiredService {
     pub servers: Vec<DesiredServer>,
     pub pass_host_header: bool,
     pub balance: Balance,
+    /// Name of the servers transport in [`Desired::servers_transports`] for `https://`
+    /// servers.
+    pub servers_transport: Option<String>,
     /// Health check of every server. Routes-file services get the defaults.
     pub health: HealthSpec,
     pub source: ServiceSource,
@@ -135,9 +140,12 @@ pub struct HealthSpec {
     pub port: Option<u16>,
     /// `Host` header to send instead of the server's address.
     pub hostname: Option<String>,
-    /// `http`, or `h2c` to probe over HTTP/2 without TLS. Other schemes are rejected when the
-    /// labels are read.
+    /// `http`, `https`, or `h2c` to probe over HTTP/2 without TLS. Other schemes are rejected
+    /// when the labels are read.
     pub scheme: String,
+    /// TLS settings of `https` probes; `None` verifies against the system's root certificates
+    /// with the backend's IP address as the server name.
+    pub transport: Option<ServersTransport>,
     /// Status that counts as healthy; `None` accepts any 2xx.
     pub expected_status: Option<u16>,
     /// Extra request headers, sorted by name.
@@ -157,6 +165,7 @@ impl Default for HealthSpec {
             port: None,
             hostname: None,
             scheme: "http".to_owned(),
+            transport: None,
             expected_status: None,
             headers: Vec::new(),
             method: "GET".to_owned(),
@@ -255,6 +264,7 @@ impl Desired {
                     .collect(),
                 balance: service.balance,
                 pass_host_header: service.pass_host_header,
+                servers_transport: service.servers_transport.clone(),
             })
             .collect();
         Snapshot {
@@ -264,6 +274,7 @@ impl Desired {
             certificates: Vec::new(),
             default_certificate: None,
             acme_challenges: Default::default(),
+            servers_transports: self.servers_transports.clone(),
         }
     }
 
@@ -280,6 +291,7 @@ struct FileRoutes<'a> {
     snapshot: Option<&'a Snapshot>,
     router_names: BTreeSet<&'a str>,
     service_names: BTreeSet<&'a str>,
+    transports: BTreeMap<&'a str, &'a ServersTransport>,
 }
 
 impl<'a> FileRoutes<'a> {
@@ -290,6 +302,12 @@ impl<'a> FileRoutes<'a> {
             snapshot,
             router_names: routers.iter().map(|r| r.name.as_str()).collect(),
             service_names: services.iter().map(|s| s.name.as_str()).collect(),
+            transports: snapshot
+                .map(|s| s.servers_transports.as_slice())
+                .unwrap_or_default()
+                .iter()
+                .map(|transport| (transport.name.as_str(), transport))
+                .collect(),
         }
     }
 
@@ -298,6 +316,7 @@ impl<'a> FileRoutes<'a> {
             return;
         };
         desired.routers.extend(snapshot.routers.iter().cloned());
+        desired.servers_transports = snapshot.servers_transports.clone();
         for service in &snapshot.services {
             let servers = service
                 .servers
@@ -316,12 +335,19 @@ impl<'a> FileRoutes<'a> {
                 servers,
                 pass_host_header: service.pass_host_header,
                 balance: service.balance,
+                servers_transport: service.servers_transport.clone(),
                 health: HealthSpec {
-                    // A routes-file service is probed over h2c when its servers are h2c.
+                    // Routes-file servers are not probed; the scheme only describes them.
                     scheme: match service.servers.first() {
                         Some(server) if server.url.starts_with("h2c://") => "h2c".to_owned(),
+                        Some(server) if server.url.starts_with("https://") => "https".to_owned(),
                         _ => "http".to_owned(),
                     },
+                    transport: service
+                        .servers_transport
+                        .as_deref()
+                        .and_then(|name| self.transports.get(name))
+                        .map(|transport| (*transport).clone()),
                     ..HealthSpec::default()
                 },
                 source: ServiceSource::File,
@@ -431,11 +457,14 @@ struct Resolver<'a> {
 
 impl Resolver<'_> {
     fn resolve(&mut self, project: Project, desired: &mut Desired) {
-        let services: BTreeMap<String, Merged<ServiceConfig>> = project
+        let mut services: BTreeMap<String, Merged<ServiceConfig>> = project
             .services
             .into_iter()
             .map(|(id, declarations)| (id, self.merge(Kind::Service, declarations)))
             .collect();
+        for merged in services.values_mut() {
+            self.resolve_transport(merged);
+        }
         let middlewares: BTreeMap<String, Merged<MiddlewareConfig>> = project
             .middlewares
             .into_iter()
@@ -607,6 +636,38 @@ impl Resolver<'_> {
         .filter(|_| middlewares_ok)
     }
 
+    /// Gives a service's health probes the routes file's servers transport that its labels
+    /// name, or disables the service with an error when the routes file has no such transport.
+    fn resolve_transport(&mut self, merged: &mut Merged<ServiceConfig>) {
+        let Some(configs) = merged.configs.as_mut() else {
+            return;
+        };
+        let Some(name) = configs.first().and_then(|c| c.servers_transport.clone()) else {
+            return;
+        };
+        match self.file.transports.get(name.as_str()) {
+            Some(transport) => {
+                for config in configs.iter_mut() {
+                    config.health.transport = Some((*transport).clone());
+                }
+            }
+            None => {
+                let message = format!(
+                    "servers transport {name}@file not found in the routes file; define it under \
+                     http.serversTransports. {}",
+                    capitalized(&disabled(Kind::Service, &merged.name))
+                );
+                self.report(
+                    Kind::Service,
+                    merged,
+                    "loadbalancer.serverstransport",
+                    message,
+                );
+                merged.configs = None;
+            }
+        }
+    }
+
     /// Returns the snapshot name of a router's service, or reports why there is none.
     fn service_name(
         &mut self,
@@ -770,15 +831,21 @@ impl Resolver<'_> {
             configs.iter().map(|config| config.server.clone()).collect();
         servers.sort_by(|a, b| (&a.url, &a.container_name).cmp(&(&b.url, &b.container_name)));
         let first = configs.into_iter().next();
-        let (pass_host_header, balance, health) = match first {
-            Some(config) => (config.pass_host_header, config.balance, config.health),
-            None => (true, Balance::RoundRobin, HealthSpec::default()),
+        let (pass_host_header, balance, servers_transport, health) = match first {
+            Some(config) => (
+                config.pass_host_header,
+                config.balance,
+                config.servers_transport,
+                config.health,
+            ),
+            None => (true, Balance::RoundRobin, None, HealthSpec::default()),
         };
         DesiredService {
             name: self.scoped(name),
             servers,
             pass_host_header,
             balance,
+            servers_transport,
             health,
             source: ServiceSource::Docker,
         }

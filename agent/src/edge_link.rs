@@ -37,7 +37,7 @@ impl EdgeLink {
     /// dropped and reopened on the next call.
     pub async fn apply(&mut self, snapshot: &Snapshot) -> Result<EdgeMessage, String> {
         self.exchange(&AgentMessage::Apply {
-            snapshot: snapshot.clone(),
+            snapshot: Box::new(snapshot.clone()),
         })
         .await
     }

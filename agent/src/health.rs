@@ -12,7 +12,7 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
     sync::watch,
     task::JoinHandle,
@@ -246,12 +246,48 @@ pub async fn probe_once(addr: SocketAddr, spec: &HealthSpec) -> (bool, String) {
 }
 
 async fn request_status(addr: SocketAddr, spec: &HealthSpec) -> Result<u16, String> {
-    let mut stream = TcpStream::connect(addr)
+    let stream = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect failed: {e}"))?;
-    if spec.scheme == "h2c" {
-        return request_status_h2c(stream, addr, spec).await;
+    match spec.scheme.as_str() {
+        "h2c" => request_status_h2c(stream, addr, spec).await,
+        "https" => {
+            let stream = tls_connect(stream, addr, spec).await?;
+            request_status_http1(stream, addr, spec).await
+        }
+        _ => request_status_http1(stream, addr, spec).await,
     }
+}
+
+/// Runs the TLS handshake of an `https` probe, verifying the backend as the edge does, and
+/// offering only HTTP/1.1 in ALPN.
+async fn tls_connect(
+    stream: TcpStream,
+    addr: SocketAddr,
+    spec: &HealthSpec,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    use edge_proto::client_tls;
+
+    let transport = spec.transport.as_ref();
+    let config =
+        client_tls::client_config(transport, client_tls::ALPN_HTTP1).map_err(|e| e.to_string())?;
+    let name =
+        client_tls::server_name(transport, &addr.ip().to_string()).map_err(|e| e.to_string())?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, stream)
+        .await
+        .map_err(|e| format!("TLS handshake failed: {e}"))
+}
+
+/// Sends the probe over HTTP/1.1 and returns the status of the response.
+async fn request_status_http1<S>(
+    mut stream: S,
+    addr: SocketAddr,
+    spec: &HealthSpec,
+) -> Result<u16, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let host = spec.hostname.clone().unwrap_or_else(|| addr.to_string());
     let mut request = format!(
         "{} {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: edge-agent\r\nConnection: close\r\n",
@@ -322,6 +358,8 @@ async fn request_status_h2c(
 
 #[cfg(test)]
 mod tests {
+    use edge_proto::ServersTransport;
+
     use super::*;
 
     const THRESHOLDS: Thresholds = Thresholds { rise: 2, fall: 3 };
@@ -417,5 +455,100 @@ mod tests {
         let spec = HealthSpec::default();
         assert_eq!(probe_once(addr, &spec).await, (true, "200".to_owned()));
         assert_eq!(probe_once(addr, &spec).await, (false, "503".to_owned()));
+    }
+
+    /// Starts a TLS server on 127.0.0.1 with a leaf certificate for 127.0.0.1 signed by a
+    /// new CA, answering every request with 200. Returns its address and the CA's PEM.
+    async fn tls_backend() -> (SocketAddr, String) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        use rustls_pki_types::{pem::PemObject, PrivateKeyDer};
+
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca, &ca_key)
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(leaf_key.serialize_pem().as_bytes()).unwrap();
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.der().clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut stream) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let mut buf = [0u8; 1024];
+                    let _ = stream.read(&mut buf).await;
+                    let response = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+                    let _ = stream.write_all(response.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        (addr, ca.pem())
+    }
+
+    #[tokio::test]
+    async fn https_probe_verifies_backend() {
+        let (addr, ca_pem) = tls_backend().await;
+        let https = |transport: Option<ServersTransport>| HealthSpec {
+            scheme: "https".to_owned(),
+            transport,
+            ..HealthSpec::default()
+        };
+
+        let trusted = ServersTransport {
+            name: "internal".into(),
+            root_cas: vec![edge_proto::RootCaPem {
+                pem: ca_pem,
+                origin: "test CA".into(),
+            }],
+            ..ServersTransport::default()
+        };
+        assert_eq!(
+            probe_once(addr, &https(Some(trusted.clone()))).await,
+            (true, "200".to_owned())
+        );
+
+        let (passed, result) = probe_once(addr, &https(None)).await;
+        assert!(!passed);
+        assert!(result.starts_with("TLS handshake failed"), "{result}");
+        assert!(result.contains("UnknownIssuer"), "{result}");
+
+        let wrong_name = ServersTransport {
+            server_name: Some("other.internal".into()),
+            ..trusted
+        };
+        let (passed, result) = probe_once(addr, &https(Some(wrong_name))).await;
+        assert!(!passed);
+        assert!(
+            result.contains("not valid for name \"other.internal\""),
+            "{result}"
+        );
+
+        let insecure = ServersTransport {
+            name: "insecure".into(),
+            insecure_skip_verify: true,
+            ..ServersTransport::default()
+        };
+        assert_eq!(
+            probe_once(addr, &https(Some(insecure))).await,
+            (true, "200".to_owned())
+        );
     }
 }

@@ -195,7 +195,7 @@ fn serve_connection(
             return Ok(());
         }
         let reply = match serde_json::from_slice::<AgentMessage>(&line) {
-            Ok(AgentMessage::Apply { snapshot }) => apply(shared, store, snapshot),
+            Ok(AgentMessage::Apply { snapshot }) => apply(shared, store, *snapshot),
             Ok(AgentMessage::Status) => {
                 let compiled = shared.current.load();
                 EdgeMessage::Status {

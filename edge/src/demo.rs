@@ -102,6 +102,7 @@ pub fn snapshot(backend: SocketAddr) -> Snapshot {
         }],
         balance: Balance::RoundRobin,
         pass_host_header: true,
+        servers_transport: None,
     };
     Snapshot {
         version: 1,
@@ -129,5 +130,6 @@ pub fn snapshot(backend: SocketAddr) -> Snapshot {
         certificates: Vec::new(),
         default_certificate: None,
         acme_challenges: Default::default(),
+        servers_transports: Vec::new(),
     }
 }

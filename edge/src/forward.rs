@@ -7,12 +7,16 @@ use std::{
     time::Duration,
 };
 
+use bytes::Bytes;
+use h2::client::SendRequest;
 use monoio::net::TcpStream;
 use tracing::warn;
 
 use crate::{
     http1::head::BodyFraming,
     metrics::UpstreamErrorKind,
+    state::CompiledServer,
+    upstream_tls::{self, UpstreamStream},
     worker::{RequestId, WorkerCtx},
 };
 
@@ -142,27 +146,76 @@ pub fn write_framing(out: &mut Vec<u8>, framing: BodyFraming) {
     }
 }
 
-/// Returns a connection to `addr`: a pooled one when this worker has one (`true` in the
-/// pair), else a new one. A failed connect is counted, marks the backend as failing on this
-/// worker and is logged (rate-limited) with the route name.
+/// A connection to a backend, ready for one request.
+pub enum Opened {
+    /// An HTTP/1.1 connection; `reused` when it came from the pool.
+    Http1 {
+        stream: UpstreamStream,
+        reused: bool,
+    },
+    /// An `https://` backend that speaks HTTP/2: a handle on this worker's multiplexed
+    /// connection to it.
+    H2(SendRequest<Bytes>),
+}
+
+/// Returns a connection to `server` at `addr` for one request. For an `https://` server it is
+/// this worker's HTTP/2 connection when the backend chose `h2` in ALPN, else a pooled
+/// HTTP/1.1 connection, else a new one whose ALPN result decides. `http1_only` (for
+/// WebSocket upgrades) skips HTTP/2 and offers only `http/1.1`. Plain servers get a pooled or
+/// new HTTP/1.1 connection.
+///
+/// A failed connect or TLS handshake is counted, marks the backend as failing on this worker
+/// and is logged (rate-limited) with the route name.
 ///
 /// # Errors
-/// The kind of connect failure.
+/// The kind of failure.
 pub async fn open_connection(
     ctx: &WorkerCtx,
     addr: SocketAddr,
+    server: &CompiledServer,
     route: &str,
-) -> Result<(TcpStream, bool), UpstreamErrorKind> {
-    if let Some(stream) = ctx.upstreams.take_idle(addr) {
-        return Ok((stream, true));
+    http1_only: bool,
+) -> Result<Opened, UpstreamErrorKind> {
+    let tls_id = server.tls_id();
+    if server.tls.is_some() && !http1_only {
+        if let Some(sender) = ctx.h2_pool.pooled(ctx, addr, tls_id).await? {
+            return Ok(Opened::H2(sender));
+        }
     }
-    match connect(addr, ctx.shared.settings.upstream_connect_timeout).await {
-        Ok(stream) => Ok((stream, false)),
+    if let Some(stream) = ctx.upstreams.take_idle(addr, tls_id) {
+        return Ok(Opened::Http1 {
+            stream,
+            reused: true,
+        });
+    }
+
+    let limit = ctx.shared.settings.upstream_connect_timeout;
+    let connected = match connect(addr, limit).await {
+        Ok(stream) => match &server.tls {
+            None => Ok((UpstreamStream::Plain(stream), false)),
+            Some(tls) => upstream_tls::handshake(tls, stream, http1_only, limit).await,
+        },
+        Err(failure) => Err(failure),
+    };
+    match connected {
+        Ok((stream, true)) => {
+            let sender = ctx.h2_pool.handshake(ctx, addr, tls_id, stream).await?;
+            Ok(Opened::H2(sender))
+        }
+        Ok((stream, false)) => Ok(Opened::Http1 {
+            stream,
+            reused: false,
+        }),
         Err((kind, message)) => {
             ctx.metrics().upstream_error(kind);
             ctx.upstreams.mark_failed(addr);
             if ctx.should_log_upstream_error() {
-                warn!(upstream = %addr, service = %route, error = %message, "connecting to the backend failed");
+                if kind == UpstreamErrorKind::Tls {
+                    let server_name = server.tls.as_ref().map(|tls| tls.server_name.to_str());
+                    warn!(upstream = %addr, service = %route, server_name = server_name.as_deref().unwrap_or_default(), error = %message, "TLS handshake with the backend failed");
+                } else {
+                    warn!(upstream = %addr, service = %route, error = %message, "connecting to the backend failed");
+                }
             }
             Err(kind)
         }

@@ -17,6 +17,7 @@ mod settings;
 mod state;
 mod tls;
 mod upstream;
+mod upstream_tls;
 mod worker;
 mod xdp;
 
@@ -83,7 +84,8 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
     };
     let fallback = tls::self_signed_default()?;
     let registry = Mutex::new(HashMap::new());
-    match state::compile_with(&snapshot, fallback, &registry, 1) {
+    let tls_cache = upstream_tls::UpstreamTlsCache::default();
+    match state::compile_with(&snapshot, fallback, &registry, 1, &tls_cache) {
         Ok(compiled) => {
             println!(
                 "{}: valid: {} router(s), {} service(s), {} certificate name(s)",
@@ -193,11 +195,13 @@ fn run(args: RunArgs, fixed_snapshot: Option<Snapshot>) -> anyhow::Result<()> {
 
     let fallback_cert = tls::self_signed_default()?;
     let route_stats = Mutex::new(HashMap::new());
+    let upstream_tls = upstream_tls::UpstreamTlsCache::default();
     let compiled = state::compile_with(
         &initial,
         fallback_cert.clone(),
         &route_stats,
         settings.workers,
+        &upstream_tls,
     )
     .map_err(|errors| {
         let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
@@ -216,6 +220,7 @@ fn run(args: RunArgs, fixed_snapshot: Option<Snapshot>) -> anyhow::Result<()> {
             .map(|_| Mutex::new(Vec::new()))
             .collect(),
         fallback_cert,
+        upstream_tls,
         ticketer: rustls::crypto::ring::Ticketer::new().context("creating the TLS ticket key")?,
         settings,
         kernel,

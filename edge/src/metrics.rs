@@ -37,15 +37,19 @@ pub enum UpstreamErrorKind {
     Reset,
     /// Sent a response that cannot be parsed or framed.
     Protocol,
+    /// The TLS handshake with an `https://` backend failed, for example because its
+    /// certificate is not trusted or not valid for the server name.
+    Tls,
 }
 
 impl UpstreamErrorKind {
-    const ALL: [UpstreamErrorKind; 5] = [
+    const ALL: [UpstreamErrorKind; 6] = [
         UpstreamErrorKind::Connect,
         UpstreamErrorKind::ConnectTimeout,
         UpstreamErrorKind::ResponseTimeout,
         UpstreamErrorKind::Reset,
         UpstreamErrorKind::Protocol,
+        UpstreamErrorKind::Tls,
     ];
 
     fn label(self) -> &'static str {
@@ -55,6 +59,7 @@ impl UpstreamErrorKind {
             UpstreamErrorKind::ResponseTimeout => "response_timeout",
             UpstreamErrorKind::Reset => "reset",
             UpstreamErrorKind::Protocol => "protocol",
+            UpstreamErrorKind::Tls => "tls",
         }
     }
 }
@@ -95,7 +100,7 @@ pub struct WorkerMetrics {
     pub quic_connections: AtomicU64,
     /// HTTP/3 request streams stopped because their headers did not arrive in time.
     pub h3_header_timeouts: AtomicU64,
-    upstream_errors: [AtomicU64; 5],
+    upstream_errors: [AtomicU64; UpstreamErrorKind::ALL.len()],
     h2_connections: AtomicU64,
     h2_abuse_closed: AtomicU64,
 }

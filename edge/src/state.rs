@@ -18,6 +18,8 @@ use edge_proto::{
 };
 use rustls::sign::CertifiedKey;
 
+use crate::upstream_tls::{UpstreamTls, UpstreamTlsCache};
+
 use crate::{
     metrics::{RouteStats, WorkerMetrics},
     settings::Settings,
@@ -70,6 +72,19 @@ pub struct CompiledServer {
     pub state: ServerState,
     /// The URL scheme is `h2c`: requests go over HTTP/2 without TLS, as gRPC needs.
     pub h2c: bool,
+    /// TLS settings when the URL scheme is `https`. Requests go over HTTP/2 when the backend
+    /// chooses `h2` in ALPN, else over HTTP/1.1.
+    pub tls: Option<Arc<UpstreamTls>>,
+}
+
+impl CompiledServer {
+    /// Returns the pool key part of this server's connections: its TLS settings' id, or
+    /// [`crate::upstream_tls::PLAIN`].
+    pub fn tls_id(&self) -> u64 {
+        self.tls
+            .as_ref()
+            .map_or(crate::upstream_tls::PLAIN, |tls| tls.id)
+    }
 }
 
 /// Which listener a request arrived on.
@@ -163,6 +178,8 @@ pub struct Shared {
     /// that the request path takes no lock.
     pub in_flight: Box<[Mutex<InFlightCounts>]>,
     pub fallback_cert: Arc<CertifiedKey>,
+    /// TLS client settings of `https://` backends, kept across snapshots.
+    pub upstream_tls: UpstreamTlsCache,
     pub ticketer: Arc<dyn rustls::server::ProducesTickets>,
     /// The XDP filter and SO_REUSEPORT steering; dropped (and detached) when the edge exits.
     pub kernel: crate::xdp::Kernel,
@@ -187,6 +204,7 @@ pub fn compile(snapshot: &Snapshot, shared: &Shared) -> Result<Compiled, Vec<Com
         shared.fallback_cert.clone(),
         &shared.route_stats,
         shared.settings.workers,
+        &shared.upstream_tls,
     )
 }
 
@@ -195,6 +213,7 @@ pub fn compile_with(
     fallback_cert: Arc<CertifiedKey>,
     route_stats: &Mutex<HashMap<String, Arc<RouteStats>>>,
     workers: usize,
+    tls_cache: &UpstreamTlsCache,
 ) -> Result<Compiled, Vec<CompileError>> {
     let mut errors = Vec::new();
     if let Err(e) = edge_proto::file::validate(snapshot) {
@@ -208,23 +227,57 @@ pub fn compile_with(
         return Err(errors);
     }
 
+    let transports: HashMap<&str, &edge_proto::ServersTransport> = snapshot
+        .servers_transports
+        .iter()
+        .map(|transport| (transport.name.as_str(), transport))
+        .collect();
+    let mut tls_ids = Vec::new();
     let mut services = Vec::with_capacity(snapshot.services.len());
     let mut service_index = HashMap::new();
     for service in &snapshot.services {
+        // `validate` has checked that the named transport exists.
+        let transport = service
+            .servers_transport
+            .as_deref()
+            .and_then(|name| transports.get(name).copied());
         let mut servers = Vec::with_capacity(service.servers.len());
         for (i, server) in service.servers.iter().enumerate() {
-            match resolve_server_url(&server.url) {
-                Ok((addr, authority)) => servers.push(CompiledServer {
-                    addr,
-                    authority,
-                    state: server.state,
-                    h2c: server.url.starts_with("h2c://"),
-                }),
-                Err(message) => errors.push(CompileError {
-                    key: format!("services[{}].servers[{i}].url", service.name),
-                    message,
-                }),
-            }
+            let key = || format!("services[{}].servers[{i}].url", service.name);
+            let (addr, authority) = match resolve_server_url(&server.url) {
+                Ok(resolved) => resolved,
+                Err(message) => {
+                    errors.push(CompileError {
+                        key: key(),
+                        message,
+                    });
+                    continue;
+                }
+            };
+            let tls = if server.url.starts_with("https://") {
+                match tls_cache.get(transport, url_host(&authority)) {
+                    Ok(tls) => {
+                        tls_ids.push(tls.id);
+                        Some(tls)
+                    }
+                    Err(e) => {
+                        errors.push(CompileError {
+                            key: key(),
+                            message: format!("TLS settings for {:?}: {e}", server.url),
+                        });
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            servers.push(CompiledServer {
+                addr,
+                authority,
+                state: server.state,
+                h2c: server.url.starts_with("h2c://"),
+                tls,
+            });
         }
         service_index.insert(service.name.as_str(), services.len());
         services.push(CompiledService {
@@ -316,6 +369,7 @@ pub fn compile_with(
     let Some(certs) = certs.filter(|_| errors.is_empty()) else {
         return Err(errors);
     };
+    tls_cache.retain_ids(&tls_ids);
 
     // Descending priority; equal priorities are ordered by name so the choice is
     // deterministic (Traefik leaves that order unspecified).
@@ -356,15 +410,29 @@ pub fn compile_with(
     })
 }
 
-/// Parses `http://HOST:PORT[/...]` and resolves HOST. Runs on the control thread only, since
-/// name resolution may block.
+/// Returns the host of a `host:port` authority, IPv6 addresses without brackets.
+fn url_host(authority: &str) -> &str {
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host);
+    host.strip_prefix('[')
+        .and_then(|host| host.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
+/// Parses `SCHEME://HOST:PORT[/...]` and resolves HOST. The port defaults to 443 for `https`
+/// and 80 otherwise. Runs on the control thread only, since name resolution may block.
 fn resolve_server_url(url: &str) -> Result<(SocketAddr, String), String> {
-    let Some(rest) = url
+    let (rest, default_port) = if let Some(rest) = url.strip_prefix("https://") {
+        (rest, 443)
+    } else if let Some(rest) = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("h2c://"))
-    else {
+    {
+        (rest, 80)
+    } else {
         return Err(format!(
-            "invalid server URL {url:?}: only http:// and h2c:// are supported"
+            "invalid server URL {url:?}: only http://, https:// and h2c:// are supported"
         ));
     };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
@@ -377,7 +445,7 @@ fn resolve_server_url(url: &str) -> Result<(SocketAddr, String), String> {
     {
         authority.to_owned()
     } else {
-        format!("{authority}:80")
+        format!("{authority}:{default_port}")
     };
     let mut addrs = with_port
         .to_socket_addrs()
@@ -401,7 +469,17 @@ mod tests {
         assert_eq!(addr, "[::1]:8080".parse().unwrap());
         let (addr, _) = resolve_server_url("http://127.0.0.1").unwrap();
         assert_eq!(addr.port(), 80);
-        assert!(resolve_server_url("https://127.0.0.1:1").is_err());
+        let (addr, authority) = resolve_server_url("https://127.0.0.1").unwrap();
+        assert_eq!(addr.port(), 443);
+        assert_eq!(authority, "127.0.0.1:443");
+        assert!(resolve_server_url("ftp://127.0.0.1:1").is_err());
         assert!(resolve_server_url("http://:80").is_err());
+    }
+
+    #[test]
+    fn url_host_strips_port_and_brackets() {
+        assert_eq!(url_host("backend.internal:8443"), "backend.internal");
+        assert_eq!(url_host("[::1]:443"), "::1");
+        assert_eq!(url_host("10.0.0.5:443"), "10.0.0.5");
     }
 }

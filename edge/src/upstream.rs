@@ -8,15 +8,13 @@ use std::{
     cell::RefCell,
     collections::HashMap,
     net::SocketAddr,
-    os::fd::AsRawFd,
     rc::Rc,
     time::{Duration, Instant},
 };
 
 use edge_proto::{Balance, ServerState};
-use monoio::net::TcpStream;
 
-use crate::state::Compiled;
+use crate::{state::Compiled, upstream_tls::UpstreamStream};
 
 /// How long a backend that refused a connection is skipped by this worker, unless every
 /// other backend is skipped too.
@@ -41,7 +39,7 @@ pub enum Pick {
 const PEEK_AFTER_IDLE: Duration = Duration::from_millis(20);
 
 struct IdleConn {
-    stream: TcpStream,
+    stream: UpstreamStream,
     since: Instant,
     expires: Instant,
 }
@@ -55,9 +53,13 @@ struct BalanceState {
     failed_until: HashMap<SocketAddr, Instant>,
 }
 
+/// Key of pooled connections: the backend address and the id of the TLS settings the
+/// connection was verified with (`upstream_tls::PLAIN` for plain TCP).
+type PoolKey = (SocketAddr, u64);
+
 /// One worker's view of the backends.
 pub struct Upstreams {
-    idle: RefCell<HashMap<SocketAddr, Vec<IdleConn>>>,
+    idle: RefCell<HashMap<PoolKey, Vec<IdleConn>>>,
     balance: RefCell<BalanceState>,
     max_idle: usize,
     idle_timeout: Duration,
@@ -159,10 +161,11 @@ impl Upstreams {
         }
     }
 
-    /// Takes a pooled connection to `addr` that is still open, newest first.
-    pub fn take_idle(&self, addr: SocketAddr) -> Option<TcpStream> {
+    /// Takes a pooled connection to `addr` with TLS settings `tls_id` that is still open,
+    /// newest first.
+    pub fn take_idle(&self, addr: SocketAddr, tls_id: u64) -> Option<UpstreamStream> {
         let mut idle = self.idle.borrow_mut();
-        let conns = idle.get_mut(&addr)?;
+        let conns = idle.get_mut(&(addr, tls_id))?;
         let now = Instant::now();
         while let Some(conn) = conns.pop() {
             let checked = now.duration_since(conn.since) < PEEK_AFTER_IDLE || is_open(&conn.stream);
@@ -179,7 +182,8 @@ impl Upstreams {
     pub fn put_idle(
         &self,
         addr: SocketAddr,
-        stream: TcpStream,
+        tls_id: u64,
+        stream: UpstreamStream,
         backend_keep_alive: Option<Duration>,
     ) {
         if self.max_idle == 0 {
@@ -193,7 +197,7 @@ impl Upstreams {
             return;
         }
         let mut idle = self.idle.borrow_mut();
-        let conns = idle.entry(addr).or_default();
+        let conns = idle.entry((addr, tls_id)).or_default();
         if conns.len() >= self.max_idle {
             // Drop the oldest, which is the most likely to be closed by the backend.
             conns.remove(0);
@@ -253,10 +257,12 @@ impl Drop for InFlight {
 }
 
 /// Returns whether a pooled connection is still open: no EOF and no unexpected bytes waiting.
-fn is_open(stream: &TcpStream) -> bool {
-    let fd = stream.as_raw_fd();
+/// For TLS, any waiting record (a close_notify alert, a late session ticket) also counts as
+/// not open, which costs at most a new handshake.
+fn is_open(stream: &UpstreamStream) -> bool {
+    let fd = stream.raw_fd();
     let mut byte = 0u8;
-    // SAFETY: `fd` is an open socket owned by `stream`, which outlives this call. The buffer
+    // SAFETY: `fd` is the open socket under `stream`, which outlives this call. The buffer
     // is one valid byte on the stack, and MSG_DONTWAIT keeps the call from blocking the worker.
     let n = unsafe {
         libc::recv(
@@ -308,13 +314,23 @@ mod tests {
                 servers,
                 balance,
                 pass_host_header: true,
+                servers_transport: None,
             }],
             certificates: Vec::new(),
             default_certificate: None,
             acme_challenges: Default::default(),
+            servers_transports: Vec::new(),
         };
         let fallback = crate::tls::self_signed_default().unwrap();
-        state::compile_with(&snapshot, fallback, &Mutex::new(HashMap::new()), 1).unwrap()
+        let tls_cache = crate::upstream_tls::UpstreamTlsCache::default();
+        state::compile_with(
+            &snapshot,
+            fallback,
+            &Mutex::new(HashMap::new()),
+            1,
+            &tls_cache,
+        )
+        .unwrap()
     }
 
     fn port_of(pick: Pick) -> u16 {

@@ -59,8 +59,8 @@ pub struct WorkerCtx {
     pub shared: Arc<Shared>,
     snapshot: RefCell<Cache<Arc<ArcSwap<Compiled>>, Arc<Compiled>>>,
     pub upstreams: Rc<Upstreams>,
-    /// HTTP/2 connections to h2c backends.
-    pub h2c: http2::client::H2cPool,
+    /// HTTP/2 connections to h2c backends and to https backends that chose `h2`.
+    pub h2_pool: http2::client::H2Pool,
     pub shutdown: Shutdown,
     pub access_log: RefCell<AccessLog>,
     tls: TlsAcceptor,
@@ -322,7 +322,7 @@ async fn worker_main(
             settings.upstream_max_idle,
             settings.upstream_idle_timeout,
         )),
-        h2c: http2::client::H2cPool::default(),
+        h2_pool: http2::client::H2Pool::default(),
         shutdown: Shutdown::default(),
         access_log: RefCell::new(AccessLog::new(settings.access_log, settings.log_format)),
         tls: TlsAcceptor::from(Arc::new(tls_config)),
@@ -355,7 +355,7 @@ async fn worker_main(
         );
     }
     ctx.upstreams.clear();
-    ctx.h2c.clear();
+    ctx.h2_pool.clear();
     ctx.access_log.borrow_mut().flush();
     info!(worker = id, "worker stopped");
     Ok(())

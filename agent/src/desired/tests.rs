@@ -703,3 +703,78 @@ http:
     let shop = merged.iter().find(|r| r.names[0] == "shop.test").unwrap();
     assert_eq!(shop.routers, ["shop", "site/web"]);
 }
+
+#[test]
+fn label_service_uses_file_transport() {
+    let dir = std::env::temp_dir().join(format!("edge-agent-transport-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let routes = file::parse(
+        "http:\n  serversTransports:\n    internal:\n      serverName: api.internal\n      insecureSkipVerify: true\n",
+        Format::Yaml,
+        &dir,
+    )
+    .unwrap();
+    let container = Fixture::compose("shop", "web", 1, "172.18.0.2")
+        .label(
+            "traefik.http.services.web.loadbalancer.server.scheme",
+            "https",
+        )
+        .label(
+            "traefik.http.services.web.loadbalancer.serverstransport",
+            "internal@file",
+        )
+        .build();
+    let desired = build(&[container], Some(&routes), &AgentOptions::default());
+    assert!(
+        error_texts(&desired).is_empty(),
+        "{:?}",
+        error_texts(&desired)
+    );
+    let web = service(&desired, "shop/web").expect("service built");
+    assert_eq!(web.servers_transport.as_deref(), Some("internal"));
+    let transport = web.health.transport.as_ref().expect("probe transport");
+    assert_eq!(transport.server_name.as_deref(), Some("api.internal"));
+    assert!(transport.insecure_skip_verify);
+
+    let snapshot = desired.to_snapshot(7, |_| ServerState::Up);
+    assert_eq!(snapshot.servers_transports, routes.servers_transports);
+    let web = snapshot
+        .services
+        .iter()
+        .find(|s| s.name == "shop/web")
+        .unwrap();
+    assert_eq!(web.servers_transport.as_deref(), Some("internal"));
+    assert!(edge_proto::file::validate(&snapshot).is_ok());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn unknown_transport_disables_only_its_service() {
+    let web = Fixture::compose("shop", "web", 1, "172.18.0.2")
+        .label("traefik.http.routers.web.rule", "Host(`shop.test`)")
+        .label(
+            "traefik.http.services.web.loadbalancer.server.scheme",
+            "https",
+        )
+        .label(
+            "traefik.http.services.web.loadbalancer.serverstransport",
+            "missing@file",
+        )
+        .build();
+    let blog = Fixture::compose("blog", "app", 1, "172.18.0.3")
+        .label("traefik.http.routers.app.rule", "Host(`blog.test`)")
+        .build();
+    let desired = build(&[web, blog], None, &AgentOptions::default());
+    assert!(service(&desired, "shop/web").is_none());
+    assert!(router(&desired, "shop/web").is_none());
+    assert!(service(&desired, "blog/app-blog").is_some());
+    assert!(router(&desired, "blog/app").is_some());
+    let errors = error_texts(&desired);
+    assert!(
+        errors.iter().any(|e| e.contains(
+            "servers transport missing@file not found in the routes file; define it under \
+             http.serversTransports. Service web is disabled"
+        )),
+        "{errors:?}"
+    );
+}

@@ -87,8 +87,10 @@ pub(super) struct DomainLabels {
 #[derive(Debug)]
 pub(super) struct ServiceLabels {
     pub port: Option<u16>,
-    /// `server.scheme`, lowercase: `http` or `h2c`.
+    /// `server.scheme`, lowercase: `http`, `https` or `h2c`.
     pub scheme: Option<String>,
+    /// Name of the routes file's servers transport named by `serverstransport=NAME@file`.
+    pub servers_transport: Option<String>,
     /// `server.url`, normalized to `SCHEME://IP:PORT`, with its address.
     pub url: Option<(String, SocketAddr)>,
     /// `healthcheck.scheme`, lowercase. Probes use the server's scheme when it is not set.
@@ -103,6 +105,7 @@ impl Default for ServiceLabels {
         ServiceLabels {
             port: None,
             scheme: None,
+            servers_transport: None,
             health_scheme: None,
             url: None,
             pass_host_header: true,
@@ -546,15 +549,9 @@ impl Decoder<'_> {
                 self.service(target).pass_host_header = pass;
             }),
             "strategy" => self.strategy(target),
-            "serverstransport" => {
-                self.warn(
-                    target.key,
-                    value,
-                    "servers transports are not supported; the edge's own backend settings \
-                     apply",
-                );
-                Ok(())
-            }
+            "serverstransport" => parse_transport_reference(value).map(|name| {
+                self.service(target).servers_transport = Some(name);
+            }),
             "responseforwarding.flushinterval" => {
                 super::value::parse_duration_nanos(value).map(|_| {
                     self.warn(
@@ -896,17 +893,33 @@ fn is_default_tls_store(segments: &[&str]) -> bool {
         if stores.eq_ignore_ascii_case("stores") && default.eq_ignore_ascii_case("default"))
 }
 
-/// Checks a backend scheme and returns it in lowercase: `http`, or `h2c` (HTTP/2 without
-/// TLS, for gRPC). TLS towards backends is not built.
+/// Checks a backend scheme and returns it in lowercase: `http`, `https`, or `h2c` (HTTP/2
+/// without TLS, for gRPC).
 fn check_backend_scheme(value: &str) -> Result<String, String> {
-    if value.eq_ignore_ascii_case("http") || value.eq_ignore_ascii_case("h2c") {
+    if ["http", "https", "h2c"]
+        .iter()
+        .any(|scheme| value.eq_ignore_ascii_case(scheme))
+    {
         Ok(value.to_ascii_lowercase())
-    } else if value.eq_ignore_ascii_case("https") {
-        Err(format!(
-            "scheme {value} is not supported yet; the edge reaches backends over http or h2c only"
-        ))
     } else {
-        Err("unknown scheme; use http or h2c".to_owned())
+        Err("unknown scheme; use http, https or h2c".to_owned())
+    }
+}
+
+/// Parses a `serverstransport` value, `NAME@file`, into NAME. Servers transports cannot be
+/// declared by labels (Traefik's Docker provider has none either), so only the routes file's
+/// are valid.
+fn parse_transport_reference(value: &str) -> Result<String, String> {
+    match value.split_once('@') {
+        Some((name, provider)) if provider == "file" && !name.is_empty() => Ok(name.to_owned()),
+        Some((_, provider)) if provider != "file" => Err(format!(
+            "servers transports of provider {provider} are not supported; define the transport \
+             in the routes file and write NAME@file"
+        )),
+        _ => Err(format!(
+            "invalid servers transport reference {value:?}; servers transports are defined in \
+             the routes file, write NAME@file"
+        )),
     }
 }
 

@@ -219,6 +219,8 @@ impl fmt::Display for Reference {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceConfig {
     pub pass_host_header: bool,
+    /// Name of the routes file's servers transport for `https://` servers.
+    pub servers_transport: Option<String>,
     pub balance: Balance,
     pub health: HealthSpec,
     pub server: DesiredServer,
@@ -421,6 +423,7 @@ fn configure_services(
         let labels = &entity.labels;
         declared.config = Some(ServiceConfig {
             pass_host_header: labels.pass_host_header,
+            servers_transport: labels.servers_transport.clone(),
             balance: labels.balance,
             health: HealthSpec {
                 scheme: health_scheme(labels.health_scheme.as_deref(), &url),

@@ -519,17 +519,79 @@ fn tls_domain_without_main_disables_router() {
 }
 
 #[test]
-fn https_backend_disables_service() {
+fn https_scheme_sets_url_and_probe() {
+    let parsed = parse(web().label(
+        "traefik.http.services.web.loadbalancer.server.scheme",
+        "HTTPS",
+    ));
+    let config = service(&parsed, "web").expect("service created");
+    assert_eq!(config.server.url, "https://172.18.0.2:80");
+    assert_eq!(config.health.scheme, "https");
+    assert_eq!(config.servers_transport, None);
+    assert!(errors(&parsed).is_empty());
+}
+
+#[test]
+fn https_server_url_accepted() {
+    let parsed = parse(web().label(
+        "traefik.http.services.web.loadbalancer.server.url",
+        "https://172.18.0.9:8443/",
+    ));
+    let config = service(&parsed, "web").expect("service created");
+    assert_eq!(config.server.url, "https://172.18.0.9:8443");
+    assert_eq!(config.health.scheme, "https");
+}
+
+#[test]
+fn unknown_scheme_disables_service() {
+    let parsed = parse(web().label(
+        "traefik.http.services.web.loadbalancer.server.scheme",
+        "ftp",
+    ));
+    assert!(service(&parsed, "web").is_none());
+    assert!(errors(&parsed)[0].contains("unknown scheme; use http, https or h2c"));
+}
+
+#[test]
+fn servers_transport_label_names_file_transport() {
     let parsed = parse(
         web()
-            .label("traefik.http.routers.web.rule", "Host(`a.test`)")
             .label(
                 "traefik.http.services.web.loadbalancer.server.scheme",
                 "https",
+            )
+            .label(
+                "traefik.http.services.web.loadbalancer.serverstransport",
+                "internal@file",
             ),
     );
-    assert!(service(&parsed, "web").is_none());
-    assert!(errors(&parsed)[0].contains("scheme https is not supported yet"));
+    let config = service(&parsed, "web").expect("service created");
+    assert_eq!(config.servers_transport.as_deref(), Some("internal"));
+    assert!(errors(&parsed).is_empty());
+    let warnings = warnings(&parsed);
+    assert!(
+        !warnings.iter().any(|w| w.contains("serverstransport")),
+        "{warnings:?}"
+    );
+}
+
+#[test]
+fn servers_transport_needs_file_provider() {
+    for value in ["internal", "internal@docker", "@file"] {
+        let parsed = parse(web().label(
+            "traefik.http.services.web.loadbalancer.serverstransport",
+            value,
+        ));
+        assert!(service(&parsed, "web").is_none(), "{value} accepted");
+        let errors = errors(&parsed);
+        assert_eq!(errors.len(), 1, "{value}: {errors:?}");
+        assert!(errors[0].contains("NAME@file"), "{value}: {}", errors[0]);
+        assert!(
+            errors[0].contains("service web is disabled"),
+            "{}",
+            errors[0]
+        );
+    }
 }
 
 #[test]

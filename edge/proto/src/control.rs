@@ -15,8 +15,9 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AgentMessage {
-    /// Replace the edge's routes and certificates with this snapshot.
-    Apply { snapshot: Snapshot },
+    /// Replace the edge's routes and certificates with this snapshot. Boxed because a
+    /// snapshot is far larger than the other variants; the JSON is the same.
+    Apply { snapshot: Box<Snapshot> },
     /// Report what the edge serves.
     Status,
 }
@@ -51,10 +52,10 @@ mod tests {
     #[test]
     fn messages_round_trip_as_tagged_json() {
         let message = AgentMessage::Apply {
-            snapshot: Snapshot {
+            snapshot: Box::new(Snapshot {
                 version: 7,
                 ..Snapshot::default()
-            },
+            }),
         };
         let line = serde_json::to_string(&message).unwrap();
         assert!(line.starts_with("{\"type\":\"apply\""), "{line}");

@@ -6,6 +6,9 @@
 //!   `ruleSyntax` (ignored, because both rule syntaxes are always accepted).
 //! - `http.services.NAME.loadBalancer`: `servers[].url`, `passHostHeader`, `strategy`, and
 //!   `healthCheck` and `sticky`, which are checked but not applied yet.
+//! - `http.serversTransports.NAME`: `serverName`, `insecureSkipVerify`, `rootCAs` and
+//!   `disableHTTP2`, referenced by a load balancer's `serversTransport` (for `https://`
+//!   servers).
 //! - `http.middlewares.NAME.buffering`, whose `maxRequestBodyBytes` becomes the request body
 //!   limit of the routers that use it.
 //! - `tls.certificates`, `tls.stores.default.defaultCertificate` and `tls.options` (checked
@@ -29,8 +32,8 @@ use serde_json::{Map, Value};
 
 use crate::rule;
 use crate::snapshot::{
-    Balance, CertificatePem, Router, Server, ServerState, Service, Snapshot, ENTRYPOINT_WEB,
-    ENTRYPOINT_WEBSECURE,
+    Balance, CertificatePem, RootCaPem, Router, Server, ServerState, ServersTransport, Service,
+    Snapshot, ENTRYPOINT_WEB, ENTRYPOINT_WEBSECURE,
 };
 
 /// Highest priority a router may set. Traefik reserves the range above it for its internal
@@ -155,6 +158,7 @@ pub fn parse_routes(
         errors: Vec::new(),
         skip_service_check: BTreeSet::new(),
         cert_resolvers: Vec::new(),
+        transport_names: BTreeSet::new(),
     };
     let (snapshot, certificate_indexes) = loader.load_root(&root);
     let mut cert_resolvers = std::mem::take(&mut loader.cert_resolvers);
@@ -363,7 +367,7 @@ struct HttpFile {
     routers: Option<BTreeMap<String, Value>>,
     services: Option<BTreeMap<String, Value>>,
     middlewares: Option<BTreeMap<String, Value>>,
-    servers_transports: Option<Value>,
+    servers_transports: Option<BTreeMap<String, Value>>,
 }
 
 #[derive(Deserialize)]
@@ -425,6 +429,23 @@ struct ServerFile {
     url: Option<String>,
     weight: Option<u32>,
     preserve_path: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ServersTransportFile {
+    server_name: Option<String>,
+    insecure_skip_verify: Option<bool>,
+    #[serde(rename = "rootCAs")]
+    root_cas: Option<Vec<String>>,
+    #[serde(rename = "disableHTTP2")]
+    disable_http2: Option<bool>,
+    certificates: Option<Value>,
+    max_idle_conns_per_host: Option<Value>,
+    forwarding_timeouts: Option<Value>,
+    #[serde(rename = "peerCertURI")]
+    peer_cert_uri: Option<Value>,
+    spiffe: Option<Value>,
 }
 
 // Some fields are only type-checked: the edge accepts them and does not use them.
@@ -610,6 +631,8 @@ struct Loader<'a> {
     skip_service_check: BTreeSet<String>,
     /// `tls.certResolver` of the routers read so far.
     cert_resolvers: Vec<RouterCertResolver>,
+    /// Names of the servers transports that loaded without errors.
+    transport_names: BTreeSet<String>,
 }
 
 impl Loader<'_> {
@@ -654,16 +677,11 @@ impl Loader<'_> {
         tls_option_names: &BTreeSet<String>,
         snapshot: &mut Snapshot,
     ) {
-        if http
-            .servers_transports
-            .as_ref()
-            .is_some_and(|value| !is_empty(value))
-        {
-            self.error(
-                "http.serversTransports",
-                None,
-                "servers transports are not supported",
-            );
+        for (name, value) in http.servers_transports.unwrap_or_default() {
+            if let Some(transport) = self.load_servers_transport(&name, &value) {
+                self.transport_names.insert(name);
+                snapshot.servers_transports.push(transport);
+            }
         }
 
         let mut middlewares = BTreeMap::new();
@@ -947,13 +965,23 @@ impl Loader<'_> {
         if let Some(sticky) = &file.sticky {
             self.check_sticky(&format!("{key}.sticky"), sticky);
         }
-        if let Some(transport) = &file.servers_transport {
-            let message = "servers transports are not supported";
-            self.error(
-                &format!("{key}.serversTransport"),
-                Some(transport.clone()),
-                message,
-            );
+        let mut servers_transport = None;
+        if let Some(reference) = &file.servers_transport {
+            let transport_key = format!("{key}.serversTransport");
+            let name = self.resolve_reference(&transport_key, reference, "servers transport");
+            match name {
+                Some(name) if self.transport_names.contains(name) => {
+                    servers_transport = Some(name.to_owned());
+                }
+                Some(name) => {
+                    let message = format!(
+                        "servers transport \"{name}\" not found; define it under \
+                         http.serversTransports"
+                    );
+                    self.error(&transport_key, Some(reference.clone()), message);
+                }
+                None => {}
+            }
         }
         for (field, section) in [
             ("responseForwarding", &file.response_forwarding),
@@ -973,6 +1001,62 @@ impl Loader<'_> {
             servers,
             balance,
             pass_host_header: file.pass_host_header.unwrap_or(true),
+            servers_transport,
+        })
+    }
+
+    /// Loads one entry of `http.serversTransports`. Returns `None` when it has errors.
+    fn load_servers_transport(&mut self, name: &str, value: &Value) -> Option<ServersTransport> {
+        let key = format!("http.serversTransports.{name}");
+        let file: ServersTransportFile = self.decode(&key, value)?;
+        let reported = self.errors.len();
+
+        let unsupported = [
+            ("certificates", file.certificates.is_some()),
+            (
+                "maxIdleConnsPerHost",
+                file.max_idle_conns_per_host.is_some(),
+            ),
+            ("forwardingTimeouts", file.forwarding_timeouts.is_some()),
+            ("peerCertURI", file.peer_cert_uri.is_some()),
+            ("spiffe", file.spiffe.is_some()),
+        ];
+        for (field, present) in unsupported {
+            if present {
+                let message = format!("{field} is not supported yet");
+                self.error(&format!("{key}.{field}"), None, message);
+            }
+        }
+
+        let server_name = file.server_name.filter(|name| !name.is_empty());
+        if let Some(server_name) = &server_name {
+            if let Err(reason) = check_server_name(server_name) {
+                self.error(
+                    &format!("{key}.serverName"),
+                    Some(server_name.clone()),
+                    reason,
+                );
+            }
+        }
+
+        let mut root_cas = Vec::new();
+        for (index, path) in file.root_cas.unwrap_or_default().into_iter().enumerate() {
+            let ca_key = format!("{key}.rootCAs[{index}]");
+            if let Some((pem, origin)) = self.read_pem(&ca_key, Some(path)) {
+                if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                    let message = format!("{origin} contains no PEM CERTIFICATE block");
+                    self.error(&ca_key, None, message);
+                }
+                root_cas.push(RootCaPem { pem, origin });
+            }
+        }
+
+        (self.errors.len() == reported).then(|| ServersTransport {
+            name: name.to_owned(),
+            server_name,
+            insecure_skip_verify: file.insecure_skip_verify.unwrap_or(false),
+            root_cas,
+            disable_http2: file.disable_http2.unwrap_or(false),
         })
     }
 
@@ -1579,11 +1663,58 @@ fn check_snapshot(
         }
     }
 
+    // The file loader reports transport problems at their file keys as it reads them.
+    if matches!(keys, KeyStyle::Snapshot) {
+        check_servers_transports(snapshot, errors);
+    }
+
     for (index, certificate) in snapshot.certificates.iter().enumerate() {
         check_certificate(certificate, keys, Some(index), errors);
     }
     if let Some(certificate) = &snapshot.default_certificate {
         check_certificate(certificate, keys, None, errors);
+    }
+}
+
+/// Checks the servers transports of a snapshot and the services' references to them.
+fn check_servers_transports(snapshot: &Snapshot, errors: &mut Vec<ConfigError>) {
+    let mut names = BTreeSet::new();
+    for transport in &snapshot.servers_transports {
+        let key = format!("servers_transports[{}]", transport.name);
+        check_name(
+            &key,
+            "servers transport",
+            &transport.name,
+            &mut names,
+            errors,
+        );
+        if let Some(server_name) = &transport.server_name {
+            if let Err(reason) = check_server_name(server_name) {
+                let key = format!("{key}.server_name");
+                errors.push(ConfigError::new(key, Some(server_name.clone()), reason));
+            }
+        }
+        for (index, root_ca) in transport.root_cas.iter().enumerate() {
+            if !root_ca.pem.contains("-----BEGIN CERTIFICATE-----") {
+                let message = format!("{} contains no PEM CERTIFICATE block", root_ca.origin);
+                errors.push(ConfigError::new(
+                    format!("{key}.root_cas[{index}]"),
+                    None,
+                    message,
+                ));
+            }
+        }
+    }
+    for service in &snapshot.services {
+        if let Some(name) = &service.servers_transport {
+            if !names.contains(name.as_str()) {
+                errors.push(ConfigError::new(
+                    format!("services[{}].servers_transport", service.name),
+                    Some(name.clone()),
+                    format!("servers transport \"{name}\" not found"),
+                ));
+            }
+        }
     }
 }
 
@@ -1673,17 +1804,20 @@ fn check_router(
     }
 }
 
-/// Checks that a server URL is `http://HOST:PORT` or `h2c://HOST:PORT` (HTTP/2 without TLS,
-/// for gRPC), where HOST is an IP address (IPv6 in brackets) or a DNS name.
+/// Checks that a server URL is `SCHEME://HOST:PORT`, where SCHEME is `http`, `https` or
+/// `h2c` (HTTP/2 without TLS, for gRPC) and HOST is an IP address (IPv6 in brackets) or a DNS
+/// name.
 fn check_server_url(url: &str) -> Result<(), String> {
     let Some((scheme, rest)) = url.split_once("://") else {
         return Err("missing scheme; write http://HOST:PORT".to_owned());
     };
-    if scheme.eq_ignore_ascii_case("https") {
-        return Err(format!("scheme {scheme} is not supported yet"));
-    }
-    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("h2c") {
-        return Err(format!("unknown scheme {scheme}; write http://HOST:PORT"));
+    if !["http", "https", "h2c"]
+        .iter()
+        .any(|known| scheme.eq_ignore_ascii_case(known))
+    {
+        return Err(format!(
+            "unknown scheme {scheme}; use http, https or h2c, as in http://HOST:PORT"
+        ));
     }
     if rest.contains(['/', '?', '#']) {
         return Err(
@@ -1726,6 +1860,28 @@ fn check_server_url(url: &str) -> Result<(), String> {
     match port.parse::<u16>() {
         Ok(number) if number > 0 && port.bytes().all(|c| c.is_ascii_digit()) => Ok(()),
         _ => Err(format!("invalid port {port}; use 1 to 65535")),
+    }
+}
+
+/// Checks a `serverName`: a DNS name or an IP address, as rustls accepts for SNI and
+/// certificate verification.
+fn check_server_name(name: &str) -> Result<(), String> {
+    let is_ip = name.parse::<std::net::IpAddr>().is_ok();
+    let is_dns = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if is_ip || is_dns {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid server name {name:?}; use a DNS name such as backend.internal or an IP address"
+        ))
     }
 }
 
@@ -2045,12 +2201,14 @@ alpnProtocols = ["h2", "http/1.1"]
                 ],
                 balance: Balance::LeastInFlight,
                 pass_host_header: false,
+                servers_transport: None,
             },
             Service {
                 name: "static".into(),
                 servers: vec![server("http://static:80")],
                 balance: Balance::RoundRobin,
                 pass_host_header: true,
+                servers_transport: None,
             },
         ];
         assert_eq!(snapshot.services, expected_services);
@@ -2261,15 +2419,86 @@ alpnProtocols = ["h2", "http/1.1"]
     }
 
     #[test]
-    fn servers_transport_rejected() {
-        let text = "http:\n  serversTransports:\n    insecure:\n      insecureSkipVerify: true\n  services:\n    app:\n      loadBalancer:\n        serversTransport: insecure@file\n        servers:\n          - url: http://a:1\n";
+    fn servers_transport_loaded() {
+        let dir = TempDir::new("transport");
+        dir.write("ca.pem", CERT_PEM);
+        let text = "http:\n  serversTransports:\n    internal:\n      serverName: api.internal\n      rootCAs: [ca.pem]\n      disableHTTP2: true\n    insecure:\n      insecureSkipVerify: true\n  services:\n    app:\n      loadBalancer:\n        serversTransport: internal@file\n        servers:\n          - url: https://10.0.0.5:8443\n    other:\n      loadBalancer:\n        serversTransport: insecure\n        servers:\n          - url: https://10.0.0.6:443\n";
+        let snapshot = parse(text, Format::Yaml, &dir.0).unwrap();
+        let internal = &snapshot.servers_transports[1];
+        assert_eq!(internal.name, "internal");
+        assert_eq!(internal.server_name.as_deref(), Some("api.internal"));
+        assert!(!internal.insecure_skip_verify);
+        assert!(internal.disable_http2);
+        assert_eq!(internal.root_cas.len(), 1);
+        assert_eq!(internal.root_cas[0].pem, CERT_PEM);
+        assert!(internal.root_cas[0].origin.ends_with("ca.pem"));
+        let insecure = &snapshot.servers_transports[0];
+        assert!(insecure.insecure_skip_verify);
+        assert!(insecure.root_cas.is_empty());
+        assert_eq!(
+            snapshot.services[0].servers_transport.as_deref(),
+            Some("internal")
+        );
+        assert_eq!(
+            snapshot.services[1].servers_transport.as_deref(),
+            Some("insecure")
+        );
+        assert_eq!(snapshot.services[0].servers[0].url, "https://10.0.0.5:8443");
+        assert!(validate(&snapshot).is_ok());
+    }
+
+    #[test]
+    fn servers_transport_errors_named() {
+        let text = "http:\n  serversTransports:\n    bad:\n      rootCAs: [/nonexistent/ca.pem]\n      serverName: \"a b\"\n      certificates: []\n  services:\n    app:\n      loadBalancer:\n        serversTransport: missing@file\n        servers:\n          - url: https://a:1\n    other:\n      loadBalancer:\n        serversTransport: t@docker\n        servers:\n          - url: https://a:1\n";
         assert_eq!(
             yaml_errors(text),
             vec![
-                "http.serversTransports: servers transports are not supported",
-                "http.services.app.loadBalancer.serversTransport: servers transports are not supported",
+                "http.serversTransports.bad.certificates: certificates is not supported yet",
+                "http.serversTransports.bad.rootCAs[0]: file \"/nonexistent/ca.pem\" not found",
+                "http.serversTransports.bad.serverName: invalid server name \"a b\"; use a DNS name such as backend.internal or an IP address",
+                "http.services.app.loadBalancer.serversTransport: servers transport \"missing\" not found; define it under http.serversTransports",
+                "http.services.other.loadBalancer.serversTransport: servers transport \"t@docker\" belongs to provider docker; only the file provider (no suffix or @file) is supported",
             ]
         );
+    }
+
+    #[test]
+    fn root_ca_without_certificate_rejected() {
+        let text = "http:\n  serversTransports:\n    t:\n      rootCAs: [\"-----BEGIN PRIVATE KEY-----\\nAAAA\\n-----END PRIVATE KEY-----\"]\n";
+        assert_eq!(
+            yaml_errors(text),
+            vec!["http.serversTransports.t.rootCAs[0]: http.serversTransports.t.rootCAs[0] contains no PEM CERTIFICATE block"]
+        );
+    }
+
+    #[test]
+    fn snapshot_transport_reference_checked() {
+        let mut snapshot = Snapshot {
+            services: vec![snapshot_service("app", "https://10.0.0.1:443")],
+            ..Snapshot::default()
+        };
+        snapshot.services[0].servers_transport = Some("gone".into());
+        let errors = validate(&snapshot).unwrap_err().0;
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].key, "services[app].servers_transport");
+        assert_eq!(errors[0].message, "servers transport \"gone\" not found");
+
+        snapshot.servers_transports.push(ServersTransport {
+            name: "gone".into(),
+            ..ServersTransport::default()
+        });
+        assert!(validate(&snapshot).is_ok());
+    }
+
+    #[test]
+    fn snapshot_without_transports_parses() {
+        // A snapshot written before servers transports existed.
+        let json = r#"{"version":3,"routers":[],"services":[{"name":"s","servers":[{"url":"http://10.0.0.1:80"}]}]}"#;
+        let snapshot: Snapshot = serde_json::from_str(json).unwrap();
+        assert!(snapshot.servers_transports.is_empty());
+        assert_eq!(snapshot.services[0].servers_transport, None);
+        let written = serde_json::to_string(&snapshot).unwrap();
+        assert!(!written.contains("servers_transport"));
     }
 
     #[test]
@@ -2339,11 +2568,11 @@ alpnProtocols = ["h2", "http/1.1"]
 
     #[test]
     fn server_url_problems_reported() {
-        let text = "http:\n  services:\n    app:\n      loadBalancer:\n        servers:\n          - url: https://a:443\n          - url: http://a\n          - url: http://a:0\n          - url: http://a:80/api\n";
+        let text = "http:\n  services:\n    app:\n      loadBalancer:\n        servers:\n          - url: ftp://a:443\n          - url: http://a\n          - url: http://a:0\n          - url: http://a:80/api\n";
         assert_eq!(
             yaml_errors(text),
             vec![
-                "http.services.app.loadBalancer.servers[0].url: invalid server URL \"https://a:443\": scheme https is not supported yet",
+                "http.services.app.loadBalancer.servers[0].url: invalid server URL \"ftp://a:443\": unknown scheme ftp; use http, https or h2c, as in http://HOST:PORT",
                 "http.services.app.loadBalancer.servers[1].url: invalid server URL \"http://a\": missing port; write http://a:80 for the default port",
                 "http.services.app.loadBalancer.servers[2].url: invalid server URL \"http://a:0\": invalid port 0; use 1 to 65535",
                 "http.services.app.loadBalancer.servers[3].url: invalid server URL \"http://a:80/api\": paths, queries and fragments are not supported; write http://HOST:PORT",
@@ -2497,6 +2726,7 @@ alpnProtocols = ["h2", "http/1.1"]
             }],
             balance: Balance::RoundRobin,
             pass_host_header: true,
+            servers_transport: None,
         }
     }
 
@@ -2574,7 +2804,7 @@ alpnProtocols = ["h2", "http/1.1"]
                 "routers[app].rule: invalid rule \"Host(`a`\": expected ')' at byte 9",
                 "routers[x@y]: router name \"x@y\" contains '@', which only provider references may use",
                 "services[app]: duplicate service name \"app\"",
-                "services[app].servers[0].url: invalid server URL \"ftp://a:1\": unknown scheme ftp; write http://HOST:PORT",
+                "services[app].servers[0].url: invalid server URL \"ftp://a:1\": unknown scheme ftp; use http, https or h2c, as in http://HOST:PORT",
             ]
         );
     }

@@ -2,13 +2,15 @@
 //! language and the Traefik file-provider format.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "client-tls")]
+pub mod client_tls;
 pub mod control;
 pub mod file;
 pub mod rule;
 pub mod snapshot;
 
 pub use snapshot::{
-    AcmeChallenges, Balance, CertificatePem, Http01Challenge, Router, Server, ServerState, Service,
-    Snapshot, TlsAlpn01Challenge, ACME_HTTP_CHALLENGE_PREFIX, ACME_TLS_ALPN_PROTOCOL,
-    ENTRYPOINT_WEB, ENTRYPOINT_WEBSECURE,
+    AcmeChallenges, Balance, CertificatePem, Http01Challenge, RootCaPem, Router, Server,
+    ServerState, ServersTransport, Service, Snapshot, TlsAlpn01Challenge,
+    ACME_HTTP_CHALLENGE_PREFIX, ACME_TLS_ALPN_PROTOCOL, ENTRYPOINT_WEB, ENTRYPOINT_WEBSECURE,
 };

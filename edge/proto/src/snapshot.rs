@@ -32,6 +32,48 @@ pub struct Snapshot {
     /// ACME challenge responses that the edge serves while the agent's orders are validated.
     #[serde(default, skip_serializing_if = "AcmeChallenges::is_empty")]
     pub acme_challenges: AcmeChallenges,
+    /// TLS settings towards `https://` backends, referenced by [`Service::servers_transport`].
+    /// Left out of the JSON when empty, so that an edge built before this field accepts
+    /// snapshots that do not use it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub servers_transports: Vec<ServersTransport>,
+}
+
+/// TLS settings for connections to `https://` backends, Traefik's `serversTransports` entry.
+/// A service without one verifies its backends against the system's root certificates and
+/// uses the URL's host as the server name, as Traefik does.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServersTransport {
+    /// Unique name, referenced by services.
+    pub name: String,
+    /// Name sent in SNI and checked against the backend's certificate instead of the URL's
+    /// host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// Whether the backend's certificate chain and name are accepted without verification.
+    /// The handshake signatures are still checked. Default: false.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+    /// PEM certificates of the CAs trusted for the backends. When not empty they replace the
+    /// system's root certificates, as in Traefik.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub root_cas: Vec<RootCaPem>,
+    /// Whether HTTP/2 is left out of ALPN, so that backends are always reached over HTTP/1.1.
+    /// Default: false.
+    #[serde(default)]
+    pub disable_http2: bool,
+}
+
+/// One trusted CA file of a [`ServersTransport`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootCaPem {
+    /// One or more PEM `CERTIFICATE` blocks.
+    pub pem: String,
+    /// Source of the certificates (a file path), for errors and logs.
+    #[serde(default)]
+    pub origin: String,
 }
 
 /// Name of the ALPN protocol of the TLS-ALPN-01 challenge (RFC 8737).
@@ -121,14 +163,19 @@ pub struct Service {
     /// When false, the backend's `host:port` is sent instead.
     #[serde(default = "default_true")]
     pub pass_host_header: bool,
+    /// Name of the entry of [`Snapshot::servers_transports`] used for `https://` servers;
+    /// `None` means the defaults described at [`ServersTransport`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub servers_transport: Option<String>,
 }
 
 /// One backend server of a service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Server {
-    /// Backend URL, `http://IP:PORT` or `http://NAME:PORT` (resolved when the snapshot is
-    /// compiled, never on the request path).
+    /// Backend URL, `SCHEME://IP:PORT` or `SCHEME://NAME:PORT` (resolved when the snapshot is
+    /// compiled, never on the request path). SCHEME is `http`, `https` or `h2c` (HTTP/2
+    /// without TLS).
     pub url: String,
     /// Whether new requests may go to this server.
     #[serde(default)]

@@ -21,10 +21,7 @@ use std::{
 };
 
 use edge_proto::rule::RequestView;
-use monoio::{
-    io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split, Splitable},
-    net::TcpStream,
-};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split, Splitable};
 use tracing::{debug, Instrument};
 
 use super::{
@@ -38,13 +35,14 @@ use crate::{
     access_log::Record,
     forward::{
         https_location, local_response_text, normalize_host, open_connection, push_decimal,
-        push_field, routing_path, write_framing, write_request_head, ForwardInfo,
+        push_field, routing_path, write_framing, write_request_head, ForwardInfo, Opened,
     },
     io::{with_timeout, ReadBuf},
     metrics::{Protocol, UpstreamErrorKind},
     settings::canonical_ip,
     state::{Compiled, CompiledRouter, EntryPoint},
     upstream::Pick,
+    upstream_tls::UpstreamStream,
     worker::{ConnInfo, RequestId, WorkerCtx},
 };
 
@@ -60,7 +58,7 @@ enum Next {
     KeepAlive,
     Close,
     /// The backend switched protocols: relay bytes both ways.
-    Tunnel(TcpStream),
+    Tunnel(UpstreamStream),
 }
 
 /// The outcome of one request, for the access log and metrics.
@@ -494,8 +492,19 @@ where
             bufs.out.extend_from_slice(&bufs.inbuf.data()[..n]);
         }
 
-        let (mut upstream, reused) = match open_connection(ctx, addr, &router.name).await {
-            Ok(pair) => pair,
+        let opened = open_connection(ctx, addr, server, &router.name, req.head.upgrade).await;
+        let (mut upstream, reused) = match opened {
+            Ok(Opened::Http1 { stream, reused }) => (stream, reused),
+            Ok(Opened::H2(sender)) => {
+                let target = to_h2c::H2Target {
+                    server,
+                    addr,
+                    pass_host_header: service.pass_host_header,
+                };
+                let forwarded =
+                    to_h2c::exchange_h2(ctx, client, bufs, info, router, req, target, sender);
+                return forwarded.await;
+            }
             Err(kind) => {
                 last_error = kind;
                 last_addr = Some(addr);
@@ -521,7 +530,8 @@ where
                 }
                 let next = match done.upstream_reusable {
                     UpstreamAfter::Pool(keep_alive) => {
-                        ctx.upstreams.put_idle(addr, upstream, keep_alive);
+                        ctx.upstreams
+                            .put_idle(addr, server.tls_id(), upstream, keep_alive);
                         done.client_next
                     }
                     UpstreamAfter::Close => done.client_next,
@@ -608,7 +618,7 @@ async fn exchange_with<S>(
     client: &mut S,
     bufs: &mut ConnBuffers,
     req: &Request<'_>,
-    upstream: &mut TcpStream,
+    upstream: &mut UpstreamStream,
     inline_body: Option<usize>,
     body_limit: Option<u64>,
 ) -> Result<Done, AttemptError>
@@ -755,7 +765,7 @@ async fn relay_response<S>(
     client: &mut S,
     bufs: &mut ConnBuffers,
     req: &Request<'_>,
-    upstream: &mut TcpStream,
+    upstream: &mut UpstreamStream,
     rhead: &ResponseHead,
 ) -> Result<Done, AttemptError>
 where
@@ -1073,7 +1083,7 @@ fn log_rejected(ctx: &WorkerCtx, info: &ConnInfo, status: u16, bytes: u64) {
 /// neither side has sent anything for `idle`.
 async fn tunnel<S>(
     client: S,
-    upstream: TcpStream,
+    upstream: UpstreamStream,
     client_early: ReadBuf,
     upstream_early: ReadBuf,
     idle: Duration,

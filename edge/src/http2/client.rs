@@ -1,5 +1,6 @@
-//! HTTP/2 without TLS (h2c, prior knowledge) towards backends, as gRPC servers expect: one
-//! multiplexed connection per backend address per worker, reused by every request.
+//! HTTP/2 towards backends: one multiplexed connection per backend per worker, reused by
+//! every request. The transport is plain TCP for `h2c://` servers (prior knowledge, as gRPC
+//! servers expect) or TLS for `https://` servers that chose `h2` in ALPN.
 //!
 //! The pool belongs to one worker (`!Send`). Each connection is driven by its own task on that
 //! worker. A connection that fails or is closed by the backend is replaced on the next request.
@@ -11,21 +12,26 @@ use h2::client::SendRequest;
 use monoio_compat::StreamWrapper;
 use tracing::{debug, warn};
 
-use crate::{forward::connect, metrics::UpstreamErrorKind, worker::WorkerCtx};
+use crate::{
+    forward::connect,
+    metrics::UpstreamErrorKind,
+    upstream_tls::{UpstreamStream, PLAIN},
+    worker::WorkerCtx,
+};
 
 /// Streams the edge opens at once on one backend connection when the backend sets no lower
 /// limit.
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
-/// One worker's h2c connections, by backend address.
+/// One worker's HTTP/2 backend connections, by address and TLS settings id.
 #[derive(Default)]
-pub struct H2cPool {
-    senders: RefCell<HashMap<SocketAddr, SendRequest<Bytes>>>,
+pub struct H2Pool {
+    senders: RefCell<HashMap<(SocketAddr, u64), SendRequest<Bytes>>>,
 }
 
-impl H2cPool {
-    /// Returns a handle that can open a stream to `addr` now: the pooled connection when it
-    /// is still usable, else a new one.
+impl H2Pool {
+    /// Returns a handle that can open a stream to the h2c backend `addr` now: the pooled
+    /// connection when it is still usable, else a new one.
     ///
     /// # Errors
     /// The kind of failure when no connection could be made or the new one failed at once.
@@ -36,21 +42,8 @@ impl H2cPool {
         route: &str,
     ) -> Result<SendRequest<Bytes>, UpstreamErrorKind> {
         let settings = &ctx.shared.settings;
-        let pooled = self.senders.borrow().get(&addr).cloned();
-        if let Some(sender) = pooled {
-            // Waits while the backend's stream limit is reached, at most the response timeout.
-            match monoio::time::timeout(settings.upstream_response_timeout, sender.ready()).await {
-                Ok(Ok(sender)) => return Ok(sender),
-                Ok(Err(e)) => {
-                    debug!(upstream = %addr, error = %e, "pooled h2c connection is closed");
-                    self.senders.borrow_mut().remove(&addr);
-                }
-                Err(_) => {
-                    ctx.metrics()
-                        .upstream_error(UpstreamErrorKind::ResponseTimeout);
-                    return Err(UpstreamErrorKind::ResponseTimeout);
-                }
-            }
+        if let Some(sender) = self.pooled(ctx, addr, PLAIN).await? {
+            return Ok(sender);
         }
 
         let stream = match connect(addr, settings.upstream_connect_timeout).await {
@@ -64,39 +57,95 @@ impl H2cPool {
                 return Err(kind);
             }
         };
+        self.handshake(ctx, addr, PLAIN, UpstreamStream::Plain(stream))
+            .await
+    }
+
+    /// Returns the pooled connection to `addr` with TLS settings `tls_id` once it can open a
+    /// stream, or `None` when there is none or it has closed.
+    ///
+    /// # Errors
+    /// `ResponseTimeout` when the backend's stream limit stays reached for the response
+    /// timeout.
+    pub async fn pooled(
+        &self,
+        ctx: &WorkerCtx,
+        addr: SocketAddr,
+        tls_id: u64,
+    ) -> Result<Option<SendRequest<Bytes>>, UpstreamErrorKind> {
+        let settings = &ctx.shared.settings;
+        let key = (addr, tls_id);
+        let Some(sender) = self.senders.borrow().get(&key).cloned() else {
+            return Ok(None);
+        };
+        // Waits while the backend's stream limit is reached, at most the response timeout.
+        match monoio::time::timeout(settings.upstream_response_timeout, sender.ready()).await {
+            Ok(Ok(sender)) => Ok(Some(sender)),
+            Ok(Err(e)) => {
+                debug!(upstream = %addr, error = %e, "pooled HTTP/2 connection is closed");
+                self.senders.borrow_mut().remove(&key);
+                Ok(None)
+            }
+            Err(_) => {
+                ctx.metrics()
+                    .upstream_error(UpstreamErrorKind::ResponseTimeout);
+                Err(UpstreamErrorKind::ResponseTimeout)
+            }
+        }
+    }
+
+    /// Starts HTTP/2 on a new connection to `addr`, drives it with a task of this worker, and
+    /// pools it under `tls_id`.
+    ///
+    /// # Errors
+    /// The kind of failure when the HTTP/2 handshake fails or times out.
+    pub async fn handshake(
+        &self,
+        ctx: &WorkerCtx,
+        addr: SocketAddr,
+        tls_id: u64,
+        stream: UpstreamStream,
+    ) -> Result<SendRequest<Bytes>, UpstreamErrorKind> {
+        let settings = &ctx.shared.settings;
         let mut builder = h2::client::Builder::new();
         builder
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
         let handshake = builder.handshake::<_, Bytes>(StreamWrapper::new(stream));
-        let (sender, connection) =
-            match monoio::time::timeout(settings.upstream_connect_timeout, handshake).await {
-                Ok(Ok(pair)) => pair,
-                Ok(Err(e)) => {
-                    debug!(upstream = %addr, error = %e, "h2c handshake failed");
-                    ctx.metrics().upstream_error(UpstreamErrorKind::Protocol);
-                    return Err(UpstreamErrorKind::Protocol);
-                }
-                Err(_) => {
-                    ctx.metrics()
-                        .upstream_error(UpstreamErrorKind::ConnectTimeout);
-                    return Err(UpstreamErrorKind::ConnectTimeout);
-                }
-            };
+        let (sender, connection) = match monoio::time::timeout(
+            settings.upstream_connect_timeout,
+            handshake,
+        )
+        .await
+        {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => {
+                debug!(upstream = %addr, error = %e, "HTTP/2 handshake with the backend failed");
+                ctx.metrics().upstream_error(UpstreamErrorKind::Protocol);
+                return Err(UpstreamErrorKind::Protocol);
+            }
+            Err(_) => {
+                ctx.metrics()
+                    .upstream_error(UpstreamErrorKind::ConnectTimeout);
+                return Err(UpstreamErrorKind::ConnectTimeout);
+            }
+        };
         monoio::spawn(async move {
             if let Err(e) = connection.await {
-                debug!(upstream = %addr, error = %e, "h2c connection ended with an error");
+                debug!(upstream = %addr, error = %e, "backend HTTP/2 connection ended with an error");
             }
         });
         let sender = match sender.ready().await {
             Ok(sender) => sender,
             Err(e) => {
-                debug!(upstream = %addr, error = %e, "new h2c connection failed");
+                debug!(upstream = %addr, error = %e, "new backend HTTP/2 connection failed");
                 ctx.metrics().upstream_error(UpstreamErrorKind::Reset);
                 return Err(UpstreamErrorKind::Reset);
             }
         };
-        self.senders.borrow_mut().insert(addr, sender.clone());
+        self.senders
+            .borrow_mut()
+            .insert((addr, tls_id), sender.clone());
         Ok(sender)
     }
 

@@ -1,5 +1,6 @@
-//! Forwarding of one HTTP/2 stream to an h2c backend (gRPC): request and response bodies
-//! stream in both directions at once, trailers pass through, and `grpc-timeout` is enforced.
+//! Forwarding of one HTTP/2 stream to an HTTP/2 backend (h2c for gRPC, or https that chose
+//! `h2`): request and response bodies stream in both directions at once, trailers pass
+//! through, and `grpc-timeout` is enforced.
 //!
 //! ```text
 //! client stream ──HEADERS──> backend stream (pooled connection of this worker)
@@ -16,7 +17,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use h2::{server::SendResponse, Reason, RecvStream, SendStream};
+use h2::{client::SendRequest, server::SendResponse, Reason, RecvStream, SendStream};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
 use tracing::debug;
 
@@ -25,7 +26,7 @@ use crate::{
     forward::forwarded_fields,
     http1::head::is_hop_by_hop,
     metrics::UpstreamErrorKind,
-    state::{Compiled, CompiledRouter},
+    state::{Compiled, CompiledRouter, CompiledServer},
     upstream::Pick,
     worker::{ConnInfo, WorkerCtx},
 };
@@ -43,18 +44,13 @@ pub async fn proxy_h2c(
     body: RecvStream,
     mut respond: SendResponse<Bytes>,
 ) -> Outcome {
-    let settings = &ctx.shared.settings;
     let service = &compiled.services[router.service];
-    let grpc = is_grpc(&req.parts.headers);
-    let deadline = grpc_timeout(&req.parts.headers).map(|limit| Instant::now() + limit);
-
     let (index, addr) = match ctx.upstreams.pick(compiled, router.service, &[]) {
         Pick::Server { index, addr } => (index, addr),
         Pick::NoServers | Pick::NoneAvailable => return send_local(&mut respond, 503),
     };
     let server = &service.servers[index];
-    let _in_flight = ctx.upstreams.start_request(addr);
-    let sender = match ctx.h2c.sender(ctx, addr, &router.name).await {
+    let sender = match ctx.h2_pool.sender(ctx, addr, &router.name).await {
         Ok(sender) => sender,
         Err(kind) => {
             let status = match kind {
@@ -68,12 +64,49 @@ pub async fn proxy_h2c(
         }
     };
 
-    let host: &[u8] = if service.pass_host_header && !req.raw_host.is_empty() {
+    let target = H2Target {
+        server,
+        addr,
+        pass_host_header: service.pass_host_header,
+    };
+    exchange_h2(ctx, info, req, target, sender, body, respond).await
+}
+
+/// The backend chosen for an HTTP/2 exchange.
+pub struct H2Target<'a> {
+    pub server: &'a CompiledServer,
+    pub addr: SocketAddr,
+    pub pass_host_header: bool,
+}
+
+/// Forwards the stream as a stream on `sender`'s connection and relays the response.
+pub async fn exchange_h2(
+    ctx: &Rc<WorkerCtx>,
+    info: &ConnInfo,
+    req: &ForwardedRequest<'_>,
+    target: H2Target<'_>,
+    sender: SendRequest<Bytes>,
+    body: RecvStream,
+    mut respond: SendResponse<Bytes>,
+) -> Outcome {
+    let settings = &ctx.shared.settings;
+    let grpc = is_grpc(&req.parts.headers);
+    let deadline = grpc_timeout(&req.parts.headers).map(|limit| Instant::now() + limit);
+    let H2Target { server, addr, .. } = target;
+    let _in_flight = ctx.upstreams.start_request(addr);
+
+    let host: &[u8] = if target.pass_host_header && !req.raw_host.is_empty() {
         req.raw_host
     } else {
         server.authority.as_bytes()
     };
-    let request = match build_request(req, host, info, settings.is_trusted_proxy(info.peer.ip())) {
+    let scheme = if server.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let trusted_peer = settings.is_trusted_proxy(info.peer.ip());
+    let request = match build_request(req, scheme, host, info, trusted_peer) {
         Some(request) => request,
         None => return send_local(&mut respond, 400),
     };
@@ -82,7 +115,7 @@ pub async fn proxy_h2c(
     let (response, upstream_send) = match sender.send_request(request, end_of_stream) {
         Ok(pair) => pair,
         Err(e) => {
-            debug!(upstream = %addr, error = %e, "opening a stream to the h2c backend failed");
+            debug!(upstream = %addr, error = %e, "opening a stream to the HTTP/2 backend failed");
             ctx.metrics().upstream_error(UpstreamErrorKind::Reset);
             return Outcome {
                 upstream: Some(addr),
@@ -117,7 +150,7 @@ pub async fn proxy_h2c(
         }
         Some(Ok(Ok(response))) => response,
         Some(Ok(Err(e))) => {
-            debug!(upstream = %addr, error = %e, "the h2c backend failed the stream");
+            debug!(upstream = %addr, error = %e, "the HTTP/2 backend failed the stream");
             ctx.metrics().upstream_error(UpstreamErrorKind::Reset);
             return Outcome {
                 upstream: Some(addr),
@@ -173,13 +206,14 @@ pub(crate) fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
 /// is kept, as gRPC requires it), plus the forwarding headers.
 fn build_request(
     req: &ForwardedRequest<'_>,
+    scheme: &str,
     host: &[u8],
     info: &ConnInfo,
     trusted_peer: bool,
 ) -> Option<Request<()>> {
     let authority = std::str::from_utf8(host).ok()?;
     let uri = Uri::builder()
-        .scheme("http")
+        .scheme(scheme)
         .authority(authority)
         .path_and_query(std::str::from_utf8(req.target).ok()?)
         .build()

@@ -20,17 +20,18 @@ use std::{
 };
 
 use bytes::Bytes;
-use h2::{server::SendResponse, RecvStream};
+use h2::{client::SendRequest, server::SendResponse, RecvStream};
 use http::{header, HeaderName, HeaderValue, Response};
-use monoio::{io::AsyncWriteRentExt, net::TcpStream};
+use monoio::io::AsyncWriteRentExt;
 use tracing::debug;
 
 use super::{
     body::{parse_trailers, H2Sink},
+    h2c::{exchange_h2, H2Target},
     stream::{send_head, send_local, ForwardedRequest, Outcome},
 };
 use crate::{
-    forward::{open_connection, write_framing, write_request_head},
+    forward::{open_connection, write_framing, write_request_head, Opened},
     http1::{
         body::{pump_body, OutFraming, PumpError, PumpLimits},
         chunked::encode_chunk_header,
@@ -40,6 +41,7 @@ use crate::{
     metrics::UpstreamErrorKind,
     state::{Compiled, CompiledRouter},
     upstream::Pick,
+    upstream_tls::UpstreamStream,
     worker::{ConnInfo, WorkerCtx},
 };
 
@@ -55,12 +57,21 @@ enum ForwardError {
     Cancelled,
     /// Respond to the client with this status.
     Status(u16, Option<SocketAddr>),
+    /// The chosen `https://` backend speaks HTTP/2: forward the stream on this connection
+    /// instead. Nothing has been sent to the backend yet.
+    SpeaksH2 {
+        server_index: usize,
+        addr: SocketAddr,
+        sender: SendRequest<Bytes>,
+    },
 }
 
 /// A backend connection with a parsed response head waiting in `upbuf`.
 struct Answered {
-    upstream: TcpStream,
+    upstream: UpstreamStream,
     addr: SocketAddr,
+    /// Pool key part of `upstream`.
+    tls_id: u64,
     upbuf: ReadBuf,
     rhead: ResponseHead,
 }
@@ -116,6 +127,19 @@ pub(super) async fn proxy_http1(
                 upstream,
                 ..send_local(&mut respond, status)
             };
+        }
+        Err(ForwardError::SpeaksH2 {
+            server_index,
+            addr,
+            sender,
+        }) => {
+            let service = &compiled.services[router.service];
+            let target = H2Target {
+                server: &service.servers[server_index],
+                addr,
+                pass_host_header: service.pass_host_header,
+            };
+            return exchange_h2(ctx, info, req, target, sender, body, respond).await;
         }
     };
     let addr = answered.addr;
@@ -175,8 +199,16 @@ async fn forward(
             settings.is_trusted_proxy(info.peer.ip()),
         );
 
-        let (mut upstream, reused) = match open_connection(ctx, addr, &router.name).await {
-            Ok(pair) => pair,
+        let opened = open_connection(ctx, addr, server, &router.name, false).await;
+        let (mut upstream, reused) = match opened {
+            Ok(Opened::Http1 { stream, reused }) => (stream, reused),
+            Ok(Opened::H2(sender)) => {
+                return Err(ForwardError::SpeaksH2 {
+                    server_index,
+                    addr,
+                    sender,
+                })
+            }
             Err(kind) => {
                 last_error = kind;
                 continue;
@@ -209,6 +241,7 @@ async fn forward(
                 return Ok(Answered {
                     upstream,
                     addr,
+                    tls_id: server.tls_id(),
                     upbuf,
                     rhead,
                 });
@@ -287,7 +320,7 @@ fn build_upstream_head(
 async fn send_request_body(
     ctx: &WorkerCtx,
     body: &mut RecvStream,
-    upstream: &mut TcpStream,
+    upstream: &mut UpstreamStream,
     framing: BodyFraming,
     body_limit: Option<u64>,
     out: &mut Vec<u8>,
@@ -339,7 +372,7 @@ async fn send_request_body(
 }
 
 async fn write_upstream(
-    upstream: &mut TcpStream,
+    upstream: &mut UpstreamStream,
     out: &mut Vec<u8>,
     idle: Duration,
 ) -> Result<(), u16> {
@@ -366,7 +399,7 @@ enum HeadError {
 /// Reads the backend's response head, skipping interim 1xx responses.
 async fn read_response_head(
     ctx: &WorkerCtx,
-    upstream: &mut TcpStream,
+    upstream: &mut UpstreamStream,
     req: &ForwardedRequest<'_>,
 ) -> Result<(ReadBuf, ResponseHead), HeadError> {
     let settings = &ctx.shared.settings;
@@ -419,6 +452,7 @@ async fn relay_response(
     let Answered {
         mut upstream,
         addr,
+        tls_id,
         mut upbuf,
         rhead,
     } = answered;
@@ -469,7 +503,7 @@ async fn relay_response(
     if no_body {
         if rhead.keep_alive && upbuf.is_empty() {
             let keep_alive = rhead.keep_alive_timeout_secs.map(Duration::from_secs);
-            ctx.upstreams.put_idle(addr, upstream, keep_alive);
+            ctx.upstreams.put_idle(addr, tls_id, upstream, keep_alive);
         }
         return Outcome {
             status,
@@ -523,7 +557,7 @@ async fn relay_response(
     };
     if ended.is_ok() && rhead.keep_alive && upbuf.is_empty() {
         let keep_alive = rhead.keep_alive_timeout_secs.map(Duration::from_secs);
-        ctx.upstreams.put_idle(addr, upstream, keep_alive);
+        ctx.upstreams.put_idle(addr, tls_id, upstream, keep_alive);
     }
     Outcome {
         status,

@@ -1,6 +1,6 @@
-//! Forwarding of one HTTP/1.1 request to an h2c backend: the request becomes an HTTP/2
-//! stream on the worker's pooled connection, and the response comes back re-framed as
-//! HTTP/1.1, with the backend's trailers in the last chunk.
+//! Forwarding of one HTTP/1.1 request to an HTTP/2 backend (h2c, or https that chose `h2`):
+//! the request becomes an HTTP/2 stream on the worker's pooled connection, and the response
+//! comes back re-framed as HTTP/1.1, with the backend's trailers in the last chunk.
 //!
 //! ```text
 //! request head ─> HEADERS ─> body as DATA (client window) ─> trailers or END_STREAM
@@ -9,8 +9,10 @@
 
 use std::io;
 
+use std::net::SocketAddr;
+
 use bytes::Bytes;
-use h2::RecvStream;
+use h2::{client::SendRequest, RecvStream};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use tracing::debug;
@@ -26,7 +28,7 @@ use crate::{
     http2::body::{parse_trailers, H2Sink},
     io::write_all_vec,
     metrics::UpstreamErrorKind,
-    state::{Compiled, CompiledRouter},
+    state::{Compiled, CompiledRouter, CompiledServer},
     upstream::Pick,
     worker::{ConnInfo, WorkerCtx},
 };
@@ -44,13 +46,8 @@ pub(super) async fn proxy_h2c<S>(
 where
     S: AsyncReadRent + AsyncWriteRent,
 {
-    let settings = &ctx.shared.settings;
     let service = &compiled.services[router.service];
-    let body_limit = router
-        .max_request_body_bytes
-        .or(settings.max_request_body_bytes);
-    let framing = req.head.framing();
-    let has_body = framing != BodyFraming::Empty;
+    let has_body = req.head.framing() != BodyFraming::Empty;
     if req.head.upgrade {
         // NOTE: an upgrade (WebSocket) would need extended CONNECT over h2c, which is not built.
         let bytes = respond_local(client, 502, None, true, &mut bufs.out).await;
@@ -65,14 +62,7 @@ where
         }
     };
     let server = &service.servers[index];
-    let _in_flight = ctx.upstreams.start_request(addr);
-    let failed = |status: u16| Exchange {
-        status,
-        bytes: 0,
-        upstream: Some(addr),
-        next: Next::Close,
-    };
-    let mut sender = match ctx.h2c.sender(ctx, addr, &router.name).await {
+    let sender = match ctx.h2_pool.sender(ctx, addr, &router.name).await {
         Ok(sender) => sender,
         Err(kind) => {
             let status = match kind {
@@ -81,19 +71,70 @@ where
             };
             let bytes = respond_local(client, status, None, true, &mut bufs.out).await;
             return Exchange {
+                status,
                 bytes,
-                ..failed(status)
+                upstream: Some(addr),
+                next: Next::Close,
             };
         }
     };
+    let target = H2Target {
+        server,
+        addr,
+        pass_host_header: service.pass_host_header,
+    };
+    exchange_h2(ctx, client, bufs, info, router, req, target, sender).await
+}
 
-    let host: &[u8] = if service.pass_host_header && !req.raw_host.is_empty() {
+/// The backend chosen for an HTTP/2 exchange.
+pub(super) struct H2Target<'a> {
+    pub server: &'a CompiledServer,
+    pub addr: SocketAddr,
+    pub pass_host_header: bool,
+}
+
+/// Sends the request as a stream on `sender`'s connection and relays the response.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn exchange_h2<S>(
+    ctx: &WorkerCtx,
+    client: &mut S,
+    bufs: &mut ConnBuffers,
+    info: &ConnInfo,
+    router: &CompiledRouter,
+    req: &Request<'_>,
+    target: H2Target<'_>,
+    mut sender: SendRequest<Bytes>,
+) -> Exchange
+where
+    S: AsyncReadRent + AsyncWriteRent,
+{
+    let settings = &ctx.shared.settings;
+    let body_limit = router
+        .max_request_body_bytes
+        .or(settings.max_request_body_bytes);
+    let framing = req.head.framing();
+    let has_body = framing != BodyFraming::Empty;
+    let H2Target { server, addr, .. } = target;
+    let _in_flight = ctx.upstreams.start_request(addr);
+    let failed = |status: u16| Exchange {
+        status,
+        bytes: 0,
+        upstream: Some(addr),
+        next: Next::Close,
+    };
+
+    let host: &[u8] = if target.pass_host_header && !req.raw_host.is_empty() {
         req.raw_host
     } else {
         server.authority.as_bytes()
     };
-    let Some(request) = build_request(req, host, info, settings.is_trusted_proxy(info.peer.ip()))
-    else {
+    let scheme = if server.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let trusted_peer = settings.is_trusted_proxy(info.peer.ip());
+    let Some(request) = build_request(req, scheme, host, info, trusted_peer) else {
         let bytes = respond_local(client, 400, None, true, &mut bufs.out).await;
         return Exchange {
             bytes,
@@ -103,7 +144,7 @@ where
     let (response, mut send) = match sender.send_request(request, !has_body) {
         Ok(pair) => pair,
         Err(e) => {
-            debug!(upstream = %addr, error = %e, "opening a stream to the h2c backend failed");
+            debug!(upstream = %addr, error = %e, "opening a stream to the HTTP/2 backend failed");
             ctx.metrics().upstream_error(UpstreamErrorKind::Reset);
             let bytes = respond_local(client, 502, None, true, &mut bufs.out).await;
             return Exchange {
@@ -175,7 +216,7 @@ where
     let response = match monoio::time::timeout(settings.upstream_response_timeout, response).await {
         Ok(Ok(response)) => response,
         Ok(Err(e)) => {
-            debug!(upstream = %addr, error = %e, "the h2c backend failed the stream");
+            debug!(upstream = %addr, error = %e, "the HTTP/2 backend failed the stream");
             ctx.metrics().upstream_error(UpstreamErrorKind::Reset);
             let bytes = respond_local(client, 502, None, true, &mut bufs.out).await;
             return Exchange {
@@ -201,6 +242,7 @@ where
 /// named in `Connection`, `Host`, `Expect` and the framing fields) and the forwarding headers.
 fn build_request(
     req: &Request<'_>,
+    scheme: &str,
     host: &[u8],
     info: &ConnInfo,
     trusted_peer: bool,
@@ -210,7 +252,7 @@ fn build_request(
     let target = &bytes[head.path_and_query.clone()];
     let target = if target.is_empty() { &b"/"[..] } else { target };
     let uri = Uri::builder()
-        .scheme("http")
+        .scheme(scheme)
         .authority(std::str::from_utf8(host).ok()?)
         .path_and_query(std::str::from_utf8(target).ok()?)
         .build()
