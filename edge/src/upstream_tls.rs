@@ -41,6 +41,8 @@ pub struct UpstreamTls {
     connector: TlsConnector,
     /// Offers only `http/1.1`, for WebSocket upgrades, which need an HTTP/1.1 connection.
     http1_connector: TlsConnector,
+    /// The settings of `http1_connector`, for the QUIC threads' tokio connections.
+    pub http1_config: Arc<rustls::ClientConfig>,
     /// Name sent in SNI and checked against the certificate.
     pub server_name: ServerName<'static>,
 }
@@ -90,11 +92,15 @@ impl UpstreamTlsCache {
             client_tls::ALPN_H2_AND_HTTP1
         };
         let config = client_tls::client_config(transport, alpn)?;
-        let http1_config = client_tls::client_config(transport, client_tls::ALPN_HTTP1)?;
+        let http1_config = Arc::new(client_tls::client_config(
+            transport,
+            client_tls::ALPN_HTTP1,
+        )?);
         let built = Arc::new(UpstreamTls {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             connector: TlsConnector::from(Arc::new(config)),
-            http1_connector: TlsConnector::from(Arc::new(http1_config)),
+            http1_connector: TlsConnector::from(http1_config.clone()),
+            http1_config,
             server_name: client_tls::server_name(transport, host)?,
         });
         entries.insert(key, built.clone());

@@ -20,6 +20,10 @@ use super::UpstreamBody;
 /// A handle that sends requests on one backend connection.
 pub(super) type Sender = SendRequest<UpstreamBody>;
 
+/// A backend address and the id of its TLS settings ([`crate::upstream_tls::PLAIN`] without
+/// TLS), so that servers reached with different settings never share a connection.
+pub(super) type PoolKey = (SocketAddr, u64);
+
 struct IdleSender {
     sender: Sender,
     expires: Instant,
@@ -27,7 +31,7 @@ struct IdleSender {
 
 /// One QUIC thread's idle backend connections.
 pub(super) struct H1Pool {
-    idle: RefCell<HashMap<SocketAddr, Vec<IdleSender>>>,
+    idle: RefCell<HashMap<PoolKey, Vec<IdleSender>>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -41,11 +45,11 @@ impl H1Pool {
         }
     }
 
-    /// Takes the newest idle connection to `addr` that has not expired and that hyper still
+    /// Takes the newest idle connection for `key` that has not expired and that hyper still
     /// considers open and ready for a request.
-    pub(super) fn take(&self, addr: SocketAddr) -> Option<Sender> {
+    pub(super) fn take(&self, key: PoolKey) -> Option<Sender> {
         let mut idle = self.idle.borrow_mut();
-        let conns = idle.get_mut(&addr)?;
+        let conns = idle.get_mut(&key)?;
         let now = Instant::now();
         while let Some(conn) = conns.pop() {
             if conn.expires > now && conn.sender.is_ready() {
@@ -58,12 +62,7 @@ impl H1Pool {
     /// Returns a connection to the pool. `backend_keep_alive` is the backend's advertised
     /// `Keep-Alive: timeout`; the connection expires one second before it, or after the
     /// configured idle timeout if that is shorter.
-    pub(super) fn put(
-        &self,
-        addr: SocketAddr,
-        sender: Sender,
-        backend_keep_alive: Option<Duration>,
-    ) {
+    pub(super) fn put(&self, key: PoolKey, sender: Sender, backend_keep_alive: Option<Duration>) {
         if self.max_idle == 0 || !sender.is_ready() {
             return;
         }
@@ -75,7 +74,7 @@ impl H1Pool {
             return;
         }
         let mut idle = self.idle.borrow_mut();
-        let conns = idle.entry(addr).or_default();
+        let conns = idle.entry(key).or_default();
         if conns.len() >= self.max_idle {
             // Drop the oldest, which is the most likely to be closed by the backend.
             conns.remove(0);

@@ -1,5 +1,5 @@
 //! Forwarding of one HTTP/3 request to an HTTP/1.1 backend with hyper, over the QUIC thread's
-//! pooled connections.
+//! pooled connections, with TLS (ALPN `http/1.1`) for `https://` servers.
 //!
 //! ```text
 //! request head ──> backend at once (a request body is pumped by its own task)
@@ -18,7 +18,7 @@ use tracing::debug;
 
 use super::{
     body::{self, BodyStart},
-    pool::Sender,
+    pool::{PoolKey, Sender},
     send_local, upstream_failed, H3Ctx, Outcome, RecvHalf, SendHalf, UpstreamBody,
     DEFAULT_BODY_LIMIT,
 };
@@ -28,6 +28,7 @@ use crate::{
     metrics::UpstreamErrorKind,
     state::{Compiled, CompiledRouter},
     upstream::Pick,
+    upstream_tls::UpstreamTls,
 };
 
 /// Backends tried for one request: the first choice and two others when connecting fails.
@@ -110,7 +111,8 @@ pub(super) async fn proxy(
             server.authority.as_bytes()
         };
         let _in_flight = ctx.upstreams.start_request(addr);
-        let (mut sender, reused) = match connection(ctx, addr).await {
+        let key = (addr, server.tls_id());
+        let (mut sender, reused) = match connection(ctx, key, server.tls.as_deref()).await {
             Ok(pair) => pair,
             Err((kind, message)) => {
                 ctx.metrics().upstream_error(kind);
@@ -138,7 +140,7 @@ pub(super) async fn proxy(
         match exchange.await {
             Ok(Ok(response)) => {
                 ctx.upstreams.mark_ok(addr);
-                return relay_response(ctx, addr, sender, response, send).await;
+                return relay_response(ctx, key, sender, response, send).await;
             }
             Ok(Err(e)) if reused && replayable && !stale_retried => {
                 debug!(upstream = %addr, error = %e, "reused backend connection failed, retrying on a new one");
@@ -185,11 +187,13 @@ pub(super) async fn proxy(
 /// `false`).
 async fn connection(
     ctx: &H3Ctx,
-    addr: SocketAddr,
+    key: PoolKey,
+    tls: Option<&UpstreamTls>,
 ) -> Result<(Sender, bool), (UpstreamErrorKind, String)> {
-    if let Some(sender) = ctx.h1_pool.take(addr) {
+    if let Some(sender) = ctx.h1_pool.take(key) {
         return Ok((sender, true));
     }
+    let (addr, _) = key;
     let settings = &ctx.shared.settings;
     let limit = settings.upstream_connect_timeout;
     let tcp = match tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr)).await {
@@ -203,9 +207,38 @@ async fn connection(
         }
     };
     let _ = tcp.set_nodelay(true);
+    let Some(tls) = tls else {
+        return Ok((http1_handshake(ctx, addr, tcp).await?, false));
+    };
+    // NOTE: only `http/1.1` is offered, so a TLS backend that speaks nothing but HTTP/2
+    // fails the handshake here.
+    let connector = tokio_rustls::TlsConnector::from(tls.http1_config.clone());
+    let stream =
+        match tokio::time::timeout(limit, connector.connect(tls.server_name.clone(), tcp)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err((UpstreamErrorKind::Tls, e.to_string())),
+            Err(_) => {
+                return Err((
+                    UpstreamErrorKind::ConnectTimeout,
+                    format!("no TLS handshake within {limit:?}"),
+                ))
+            }
+        };
+    Ok((http1_handshake(ctx, addr, stream).await?, false))
+}
+
+/// Starts HTTP/1.1 on a new backend connection and drives it in its own task.
+async fn http1_handshake<T>(
+    ctx: &H3Ctx,
+    addr: SocketAddr,
+    io: T,
+) -> Result<Sender, (UpstreamErrorKind, String)>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
     let handshake = hyper::client::conn::http1::Builder::new()
-        .max_buf_size(settings.max_header_bytes.max(8192) + 64 * 1024)
-        .handshake(TokioIo::new(tcp))
+        .max_buf_size(ctx.shared.settings.max_header_bytes.max(8192) + 64 * 1024)
+        .handshake(TokioIo::new(io))
         .await;
     let (sender, connection) =
         handshake.map_err(|e| (UpstreamErrorKind::Protocol, e.to_string()))?;
@@ -214,7 +247,7 @@ async fn connection(
             debug!(upstream = %addr, error = %e, "backend connection ended with an error");
         }
     });
-    Ok((sender, false))
+    Ok(sender)
 }
 
 /// Builds the backend request's header fields: the client's without hop-by-hop ones and
@@ -242,7 +275,7 @@ fn upstream_headers(parts: &http::request::Parts, fwd: &ForwardInfo<'_>) -> Head
 /// the whole response was read.
 async fn relay_response(
     ctx: &Rc<H3Ctx>,
-    addr: SocketAddr,
+    key: PoolKey,
     sender: Sender,
     response: Response<Incoming>,
     send: &mut SendHalf,
@@ -259,7 +292,7 @@ async fn relay_response(
     let mut outcome = Outcome {
         status: head.status.as_u16(),
         bytes: 0,
-        upstream: Some(addr),
+        upstream: Some(key.0),
     };
     if let Err(e) = send.send_response(client_head).await {
         debug!(error = %e, "sending the response head failed");
@@ -293,7 +326,7 @@ async fn relay_response(
             None => break,
         }
     }
-    release_connection(ctx, addr, sender, keep_alive).await;
+    release_connection(ctx, key, sender, keep_alive).await;
     if let Err(e) = send.finish().await {
         debug!(error = %e, "ending the response stream failed");
     }
@@ -306,7 +339,7 @@ async fn relay_response(
 /// finds the connection in the pool.
 async fn release_connection(
     ctx: &Rc<H3Ctx>,
-    addr: SocketAddr,
+    key: PoolKey,
     mut sender: Sender,
     keep_alive: Option<Duration>,
 ) {
@@ -315,14 +348,14 @@ async fn release_connection(
         tokio::task::yield_now().await;
     }
     if sender.is_ready() {
-        ctx.h1_pool.put(addr, sender, keep_alive);
+        ctx.h1_pool.put(key, sender, keep_alive);
         return;
     }
     let pool_ctx = ctx.clone();
     let limit = ctx.shared.settings.upstream_idle_timeout;
     tokio::task::spawn_local(async move {
         if let Ok(Ok(())) = tokio::time::timeout(limit, sender.ready()).await {
-            pool_ctx.h1_pool.put(addr, sender, keep_alive);
+            pool_ctx.h1_pool.put(key, sender, keep_alive);
         }
     });
 }
