@@ -139,7 +139,12 @@ pub fn handle(settings: &FilterSettings, request: &CtlRequest) -> CtlResponse {
                     CtlResponse::ok(json!({
                         "blocked": net.to_string(),
                         "ttl_ms": ttl_ms,
-                        "pending": "the edge has not loaded its filter; the block applies when it does",
+                        "pending": format!(
+                            "no pinned maps in {}: the edge has not loaded its filter, uses \
+                             another --bpf-pin-dir, or runs in another mount namespace; the \
+                             block applies once the maps appear there",
+                            settings.pin_dir.display()
+                        ),
                     }))
                 }
                 Err(e) => CtlResponse::error(e.to_string()),
@@ -212,7 +217,7 @@ pub fn handle(settings: &FilterSettings, request: &CtlRequest) -> CtlResponse {
 pub fn status_json(settings: &FilterSettings) -> serde_json::Value {
     let pins = PinnedMaps::new(&settings.pin_dir);
     if !pins.exists() {
-        return json!({ "loaded": false });
+        return json!({ "loaded": false, "pin_dir": settings.pin_dir.display().to_string() });
     }
     let blocked = pins
         .blocked()

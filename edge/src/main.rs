@@ -31,7 +31,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use arc_swap::ArcSwap;
-use clap::Parser;
+use clap::{parser::ValueSource, CommandFactory, FromArgMatches};
 use edge_proto::Snapshot;
 use tracing::{error, info};
 
@@ -44,7 +44,11 @@ use crate::{
 };
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     if !matches!(cli.command, Some(Command::CheckConfig { .. })) {
         logging::init(cli.run.log_format);
         std::panic::set_hook(Box::new(|panic| {
@@ -59,7 +63,11 @@ fn main() -> ExitCode {
                 Err(_) => ExitCode::FAILURE,
             };
         }
-        Some(Command::Demo) => run_demo(cli.run),
+        Some(Command::Demo) => {
+            let chosen = |id: &str| chosen_by_user(&matches, id);
+            let user_addrs = (chosen("http_addr"), chosen("https_addr"));
+            run_demo(cli.run, user_addrs)
+        }
         None => run(cli.run, None),
     };
     match result {
@@ -105,13 +113,25 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
     }
 }
 
-fn run_demo(mut args: RunArgs) -> anyhow::Result<()> {
-    // The demo uses unprivileged loopback ports unless addresses were given.
-    let defaults = RunArgs::default_addrs();
-    if args.http_addr == defaults.0 {
+/// Returns whether the user set argument `id` on the command line or in its environment
+/// variable, at the top level or after the subcommand.
+fn chosen_by_user(matches: &clap::ArgMatches, id: &str) -> bool {
+    let from_user = |m: &clap::ArgMatches| {
+        matches!(
+            m.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+    };
+    from_user(matches) || matches.subcommand().is_some_and(|(_, sub)| from_user(sub))
+}
+
+/// Runs the edge with the demo routes. `user_addrs` is true for each of the HTTP and HTTPS
+/// addresses that the user chose. The others become unprivileged loopback ports.
+fn run_demo(mut args: RunArgs, user_addrs: (bool, bool)) -> anyhow::Result<()> {
+    if !user_addrs.0 {
         args.http_addr = "127.0.0.1:8080".parse()?;
     }
-    if args.https_addr == defaults.1 {
+    if !user_addrs.1 {
         args.https_addr = "127.0.0.1:8443".parse()?;
     }
     let backend = demo::start_backend().context("starting the demo backend")?;

@@ -287,12 +287,4 @@ impl RunArgs {
             pin_workers: self.pin_workers,
         }
     }
-
-    /// Returns the default HTTP and HTTPS addresses, to tell whether the user chose others.
-    pub fn default_addrs() -> (SocketAddr, SocketAddr) {
-        (
-            SocketAddr::from(([0, 0, 0, 0], 80)),
-            SocketAddr::from(([0, 0, 0, 0], 443)),
-        )
-    }
 }

@@ -333,7 +333,11 @@ fn render_status(data: &Value) -> String {
             compact(&drops["malformed"]),
         )
     } else {
-        "not loaded (no edge has loaded its eBPF programs since boot)".to_owned()
+        format!(
+            "not loaded: no pinned maps in {} (the edge has not loaded its programs, uses \
+             another --bpf-pin-dir, or runs in another mount namespace)",
+            filter["pin_dir"].as_str().unwrap_or("the pin directory")
+        )
     };
     line("xdp filter", filter_text);
     if !data["routes_file_error"].is_null() {

@@ -125,29 +125,45 @@ pub fn load(options: &KernelOptions) -> anyhow::Result<Loaded> {
     Ok(Loaded { ebpf, stats })
 }
 
-/// Makes sure `pin_dir` is a directory on bpffs, mounting bpffs on /sys/fs/bpf when nothing
-/// is mounted there yet.
+/// The usual mount point of bpffs, which the edge mounts when nothing is mounted there.
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+/// Makes sure `pin_dir` is a directory on bpffs, creating it and its missing parents, and
+/// mounting bpffs on /sys/fs/bpf when `pin_dir` is below it and nothing is mounted there yet.
 fn prepare_pin_dir(pin_dir: &Path) -> anyhow::Result<()> {
-    let parent = pin_dir
-        .parent()
+    let existing = pin_dir
+        .ancestors()
+        .find(|dir| dir.exists())
         .with_context(|| format!("invalid pin directory {}", pin_dir.display()))?;
-    if !is_bpffs(parent) {
-        if parent != Path::new("/sys/fs/bpf") {
+    if !is_bpffs(existing) {
+        let root = Path::new(BPFFS_ROOT);
+        if !pin_dir.starts_with(root) || existing != root {
             bail!(
-                "{} is not on a bpf filesystem; mount one with `mount -t bpf bpf {}`",
-                parent.display(),
-                parent.display()
+                "{} is not on a bpf filesystem; choose a directory under {BPFFS_ROOT}, such as \
+                 {BPFFS_ROOT}/edge",
+                pin_dir.display(),
             );
         }
         nix::mount::mount(
             Some("bpf"),
-            parent,
+            root,
             Some("bpf"),
             nix::mount::MsFlags::empty(),
             None::<&str>,
         )
-        .with_context(|| format!("cannot mount bpffs on {}", parent.display()))?;
-        info!(path = %parent.display(), "mounted bpffs");
+        .with_context(|| format!("cannot mount bpffs on {BPFFS_ROOT}"))?;
+        if in_private_mount_namespace() {
+            // `ip netns exec` and containers give the process its own /sys. A bpffs mounted
+            // there is not the host's, so the agent and edgectl outside cannot see the pins.
+            warn!(
+                path = BPFFS_ROOT,
+                "mounted bpffs in a mount namespace of its own: the pinned maps are visible only \
+                 inside it and vanish when the edge exits, so run the agent in the same mount \
+                 namespace (`nsenter --net` changes only the network namespace)"
+            );
+        } else {
+            info!(path = BPFFS_ROOT, "mounted bpffs");
+        }
     }
     {
         use std::os::unix::fs::DirBuilderExt;
@@ -158,6 +174,17 @@ fn prepare_pin_dir(pin_dir: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("cannot create {}", pin_dir.display()))?;
     }
     Ok(())
+}
+
+/// Tells whether this process runs in another mount namespace than process 1.
+fn in_private_mount_namespace() -> bool {
+    match (
+        std::fs::read_link("/proc/self/ns/mnt"),
+        std::fs::read_link("/proc/1/ns/mnt"),
+    ) {
+        (Ok(own), Ok(init)) => own != init,
+        _ => false,
+    }
 }
 
 // The width of `f_type` differs between architectures; on x86_64 the cast is a no-op.
@@ -252,8 +279,20 @@ pub fn attach_xdp(ebpf: &mut Ebpf, iface: &str, mode: XdpModeArg) -> anyhow::Res
             Err(e @ ProgramError::UnknownInterface { .. }) => {
                 Err(e).with_context(|| format!("cannot attach XDP to {iface}"))
             }
+            Err(ProgramError::SyscallError(e))
+                if matches!(e.io_error.raw_os_error(), Some(libc::EEXIST | libc::EBUSY)) =>
+            {
+                bail!(
+                    "cannot attach XDP to {iface}: another XDP program is attached to it \
+                     ({}); see `ip link show {iface}`",
+                    e.io_error
+                )
+            }
             Err(native) => {
-                warn!(iface, error = %native, "native XDP unavailable, attaching in SKB (generic) mode");
+                // aya's message names only the failed call, so the OS error goes into the log.
+                let cause = std::error::Error::source(&native)
+                    .map_or_else(String::new, |source| format!(": {source}"));
+                warn!(iface, error = %format!("{native}{cause}"), "native XDP unavailable, attaching in SKB (generic) mode");
                 program.attach(iface, XdpMode::Skb).with_context(|| {
                     format!("cannot attach XDP to {iface} in native mode ({native}) or SKB mode")
                 })?;
