@@ -31,7 +31,6 @@ use monoio::{
     net::{TcpListener, TcpStream},
     IoUringDriver, LegacyDriver, RuntimeBuilder,
 };
-use monoio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::{
@@ -63,7 +62,7 @@ pub struct WorkerCtx {
     pub h2c: http2::client::H2cPool,
     pub shutdown: Shutdown,
     pub access_log: RefCell<AccessLog>,
-    tls: TlsAcceptor,
+    tls: Arc<rustls::ServerConfig>,
     next_conn: Cell<u64>,
     next_request: Cell<u64>,
     active_conns: Cell<usize>,
@@ -325,7 +324,7 @@ async fn worker_main(
         h2c: http2::client::H2cPool::default(),
         shutdown: Shutdown::default(),
         access_log: RefCell::new(AccessLog::new(settings.access_log, settings.log_format)),
-        tls: TlsAcceptor::from(Arc::new(tls_config)),
+        tls: Arc::new(tls_config),
         next_conn: Cell::new(0),
         next_request: Cell::new(0),
         active_conns: Cell::new(0),
@@ -462,18 +461,18 @@ async fn handle_connection(ctx: Rc<WorkerCtx>, stream: TcpStream, info: ConnInfo
             EntryPoint::WebSecure => {
                 let handshake = monoio::time::timeout(
                     ctx.shared.settings.tls_handshake_timeout,
-                    ctx.tls.accept(stream),
+                    tls::stream::accept(stream, ctx.tls.clone()),
                 )
                 .await;
                 match handshake {
                     Ok(Ok(tls_stream)) => {
                         crate::metrics::bump(&ctx.metrics().tls_handshakes);
-                        if tls::is_acme_tls_alpn(tls_stream.alpn_protocol().as_deref()) {
+                        if tls::is_acme_tls_alpn(tls_stream.alpn_protocol()) {
                             // A TLS-ALPN-01 validation ends with the handshake (RFC 8737).
                             debug!("ACME TLS-ALPN-01 handshake done, closing");
                             return;
                         }
-                        if tls_stream.alpn_protocol().as_deref() == Some(b"h2") {
+                        if tls_stream.alpn_protocol() == Some(b"h2") {
                             tracing::Span::current().record("proto", "h2");
                             http2::serve(ctx, tls_stream, info).await;
                         } else {
