@@ -167,13 +167,17 @@ where
             }
         }
 
-        let exchange = handle_request(&ctx, &mut client, &mut bufs, &info).await;
+        // Boxed, so that the connection's own future stays small while it waits: the request
+        // handling future is several KiB.
+        let exchange = Box::pin(handle_request(&ctx, &mut client, &mut bufs, &info));
+        let exchange = exchange.await;
         match exchange {
             Next::KeepAlive if !ctx.shutdown.is_triggered() => {}
             Next::KeepAlive | Next::Close => return,
             Next::Tunnel(upstream) => {
                 let idle = settings.body_idle_timeout;
-                tunnel(client, upstream, bufs.inbuf, bufs.upbuf, idle).await;
+                let relayed = Box::pin(tunnel(client, upstream, bufs.inbuf, bufs.upbuf, idle));
+                relayed.await;
                 return;
             }
         }
