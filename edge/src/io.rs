@@ -150,7 +150,8 @@ pub trait WaitReadable {
     /// Waits until a read would return data, EOF or an error.
     ///
     /// # Cancel safety
-    /// Cancel safe.
+    /// Cancel safe while no byte has arrived. The caller closes the connection after a
+    /// cancel in any case, because bytes in flight may be lost.
     async fn wait_readable(&mut self) -> io::Result<()>;
 }
 

@@ -456,7 +456,7 @@ async fn handle_connection(ctx: Rc<WorkerCtx>, stream: TcpStream, info: ConnInfo
         match info.entrypoint {
             EntryPoint::Web => {
                 tracing::Span::current().record("proto", "http/1.1");
-                // Boxed, as below: the task's own future stays a few hundred bytes.
+                // Boxed, as below, so that the task's own future stays small.
                 let served = Box::pin(http1::serve(ctx, stream, info));
                 served.await
             }

@@ -4,16 +4,17 @@
 //! monoio's owned-buffer reads keep their buffer for as long as they wait, so a stream
 //! built on them keeps memory allocated on every idle connection. This stream waits for
 //! readiness instead (`TcpStream::readable`: a PollAdd on io_uring, epoll readiness on the
-//! legacy driver) and then reads with a non-blocking `recv(2)` into a buffer borrowed from
-//! the worker's pool ([`crate::io::pool`]), which goes back as soon as rustls has taken the
-//! bytes. Writes encrypt into rustls' outgoing records and send them with a non-blocking
-//! `sendmsg(2)`, waiting for writability only when the socket buffer is full.
+//! legacy driver) and only then reads, into a buffer borrowed from the worker's pool
+//! ([`crate::io::pool`]) that goes back as soon as rustls has taken the bytes. Writes copy
+//! rustls' outgoing records into a pooled buffer for one write. Both go through monoio, so
+//! on io_uring they cost no syscall of their own.
 //!
 //! What an idle connection keeps is rustls' own state: the keys and a 4 KiB record buffer
 //! (rustls 0.23 shrinks its deframer buffer to 4 KiB whenever it holds no partial record).
 //!
-//! Reads and writes are cancel safe: every byte received is handed to rustls before the
-//! next await, and encrypted bytes not yet sent stay queued in rustls for the next call.
+//! A read or write cancelled while its IO is in flight loses those bytes, so the caller must
+//! close the connection then, as with any monoio owned-buffer IO. Waiting for readiness
+//! ([`TlsStream::wait_readable`] before any byte arrived) is cancel safe.
 
 use std::{
     io::{self, BufRead, Read, Write},
@@ -23,7 +24,7 @@ use std::{
 
 use monoio::{
     buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut, RawBuf},
-    io::{AsyncReadRent, AsyncWriteRent, Split},
+    io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split},
     net::TcpStream,
     BufResult,
 };
@@ -91,7 +92,8 @@ impl TlsStream {
     /// A socket or TLS error.
     ///
     /// # Cancel safety
-    /// Cancel safe.
+    /// Cancel safe while it waits for readiness. A cancel during the read that follows
+    /// readiness loses the bytes of that read.
     pub async fn wait_readable(&mut self) -> io::Result<()> {
         loop {
             match self.conn.reader().fill_buf() {
@@ -118,8 +120,11 @@ impl TlsStream {
                 self.shrink_record_buffer();
                 self.io.readable(false).await?;
             }
-            let mut buf = pool::take();
-            match recv_nonblocking(self.io.as_raw_fd(), &mut buf) {
+            // The socket is readable, so this read completes at once. It goes through
+            // monoio (an io_uring read, batched with the worker's other submissions) because
+            // a recv(2) of our own would cost a syscall per request.
+            let (result, buf) = self.io.read(pool::take()).await;
+            match result {
                 Ok(0) => {
                     pool::give(buf);
                     // An empty read marks the end of the stream for rustls, so a missing
@@ -209,18 +214,21 @@ impl TlsStream {
         let _ = self.conn.read_tls(&mut WouldBlockReader);
     }
 
-    /// Sends every encrypted byte rustls has queued.
+    /// Sends every encrypted byte rustls has queued: copied into a buffer from the worker's
+    /// pool and written with one owned-buffer write, which monoio batches into its io_uring
+    /// submissions, where a `sendmsg(2)` per response would cost a syscall of its own.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: bytes of a cancelled write are lost, so the caller must close.
     async fn flush_tls(&mut self) -> io::Result<()> {
-        let mut socket = SocketWriter(self.io.as_raw_fd());
         while self.conn.wants_write() {
-            match self.conn.write_tls(&mut socket) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.io.writable(false).await?;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+            let mut buf = pool::take();
+            while self.conn.wants_write() && buf.len() < pool::BUFFER_BYTES {
+                self.conn.write_tls(&mut buf)?;
             }
+            let (written, buf) = self.io.write_all(buf).await;
+            pool::give(buf);
+            written?;
         }
         Ok(())
     }
@@ -302,28 +310,6 @@ impl AsyncWriteRent for TlsStream {
         self.flush_tls().await?;
         self.io.shutdown().await
     }
-}
-
-/// Receives into the spare capacity of `buf` without blocking and returns the byte count.
-fn recv_nonblocking(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<usize> {
-    let spare = buf.spare_capacity_mut();
-    // SAFETY: `spare` is writable memory of `spare.len()` bytes owned by `buf`; recv writes
-    // at most that many bytes into it.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            spare.as_mut_ptr().cast(),
-            spare.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let n = n as usize;
-    // SAFETY: recv initialized the first `n` bytes of the spare capacity.
-    unsafe { buf.set_len(buf.len() + n) };
-    Ok(n)
 }
 
 /// Sends on a socket without blocking: `WouldBlock` when its buffer is full.
