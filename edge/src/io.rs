@@ -63,7 +63,7 @@ impl ReadBuf {
     }
 
     /// Returns the memory of an empty buffer to the worker's pool (or frees it), so that an
-    /// idle connection holds none; the next read takes a buffer again. Does nothing while
+    /// idle connection keeps none. The next read takes a buffer again. Does nothing while
     /// unread bytes remain.
     pub fn release(&mut self) {
         if self.is_empty() {
@@ -158,7 +158,7 @@ pub trait WaitReadable {
 impl WaitReadable for monoio::net::TcpStream {
     /// Returns at once, so the read that follows waits. A readiness wait first would cost an
     /// extra io_uring operation per request on plain HTTP.
-    // NOTE: an idle plain HTTP connection therefore holds its read buffer; only TLS
+    // NOTE: an idle plain HTTP connection therefore keeps its read buffer. Only TLS
     // connections wait without one.
     async fn wait_readable(&mut self) -> io::Result<()> {
         Ok(())

@@ -3,8 +3,8 @@
 //!
 //! monoio's owned-buffer reads keep their buffer for as long as they wait, so a stream
 //! built on them keeps memory allocated on every idle connection. This stream waits for
-//! readiness instead (`TcpStream::readable`: a PollAdd on io_uring, epoll readiness on the
-//! legacy driver) and only then reads, into a buffer borrowed from the worker's pool
+//! readiness instead, with `TcpStream::readable` (a PollAdd on io_uring, epoll readiness on
+//! the legacy driver). Only then does it read, into a buffer borrowed from the worker's pool
 //! ([`crate::io::pool`]) that goes back as soon as rustls has taken the bytes. Writes copy
 //! rustls' outgoing records into a pooled buffer for one write. Both go through monoio, so
 //! on io_uring they cost no syscall of their own.
@@ -483,7 +483,7 @@ mod tests {
                     let mut reply = [0u8; 4];
                     tls.read_exact(&mut reply).unwrap();
                     assert_eq!(&reply, b"pong");
-                    // Stay idle while the server checks its buffers, then say goodbye.
+                    // Stay idle while the server checks its buffers, then send a last message.
                     std::thread::sleep(Duration::from_millis(200));
                     tls.write_all(b"bye").unwrap();
                     tls.conn.send_close_notify();
