@@ -18,6 +18,8 @@ use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 
 use crate::state::Compiled;
 
+pub mod stream;
+
 /// ALPN protocols offered to clients, most preferred first. `acme-tls/1` is last, so it is
 /// chosen only for a client that offers no HTTP protocol; such a connection is closed after
 /// the handshake.

@@ -31,7 +31,6 @@ use monoio::{
     net::{TcpListener, TcpStream},
     IoUringDriver, LegacyDriver, RuntimeBuilder,
 };
-use monoio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::{
@@ -63,7 +62,7 @@ pub struct WorkerCtx {
     pub h2_pool: http2::client::H2Pool,
     pub shutdown: Shutdown,
     pub access_log: RefCell<AccessLog>,
-    tls: TlsAcceptor,
+    tls: Arc<rustls::ServerConfig>,
     next_conn: Cell<u64>,
     next_request: Cell<u64>,
     active_conns: Cell<usize>,
@@ -325,7 +324,7 @@ async fn worker_main(
         h2_pool: http2::client::H2Pool::default(),
         shutdown: Shutdown::default(),
         access_log: RefCell::new(AccessLog::new(settings.access_log, settings.log_format)),
-        tls: TlsAcceptor::from(Arc::new(tls_config)),
+        tls: Arc::new(tls_config),
         next_conn: Cell::new(0),
         next_request: Cell::new(0),
         active_conns: Cell::new(0),
@@ -457,44 +456,68 @@ async fn handle_connection(ctx: Rc<WorkerCtx>, stream: TcpStream, info: ConnInfo
         match info.entrypoint {
             EntryPoint::Web => {
                 tracing::Span::current().record("proto", "http/1.1");
-                http1::serve(ctx, stream, info).await
+                // Boxed, as below, so that the task's own future stays small.
+                let served = Box::pin(http1::serve(ctx, stream, info));
+                served.await
             }
             EntryPoint::WebSecure => {
-                let handshake = monoio::time::timeout(
+                let handshake = Box::pin(monoio::time::timeout(
                     ctx.shared.settings.tls_handshake_timeout,
-                    ctx.tls.accept(stream),
-                )
-                .await;
-                match handshake {
-                    Ok(Ok(tls_stream)) => {
-                        crate::metrics::bump(&ctx.metrics().tls_handshakes);
-                        if tls::is_acme_tls_alpn(tls_stream.alpn_protocol().as_deref()) {
-                            // A TLS-ALPN-01 validation ends with the handshake (RFC 8737).
-                            debug!("ACME TLS-ALPN-01 handshake done, closing");
-                            return;
-                        }
-                        if tls_stream.alpn_protocol().as_deref() == Some(b"h2") {
-                            tracing::Span::current().record("proto", "h2");
-                            http2::serve(ctx, tls_stream, info).await;
-                        } else {
-                            tracing::Span::current().record("proto", "http/1.1");
-                            http1::serve(ctx, tls_stream, info).await;
-                        }
-                    }
-                    Ok(Err(e)) => {
-                        crate::metrics::bump(&ctx.metrics().tls_handshake_failures);
-                        debug!(error = %e, "TLS handshake failed");
-                    }
-                    Err(_) => {
-                        crate::metrics::bump(&ctx.metrics().tls_handshake_failures);
-                        debug!("TLS handshake timed out");
-                    }
+                    tls::stream::accept(stream, ctx.tls.clone()),
+                ));
+                // The block ends the handshake result's storage before the long await, so
+                // the task keeps only the boxed protocol future while the connection lives.
+                let served = {
+                    let handshake = handshake.await;
+                    start_tls_protocol(ctx, handshake, info)
+                };
+                if let Some(served) = served {
+                    served.await;
                 }
             }
         }
     }
     .instrument(span)
     .await;
+}
+
+/// The outcome of a TLS handshake with its time limit.
+type Handshake = Result<io::Result<tls::stream::TlsStream>, monoio::time::error::Elapsed>;
+
+/// Counts a finished handshake and returns the boxed future that serves the protocol ALPN
+/// chose, or `None` when the connection ends here.
+fn start_tls_protocol(
+    ctx: Rc<WorkerCtx>,
+    handshake: Handshake,
+    info: ConnInfo,
+) -> Option<Pin<Box<dyn Future<Output = ()>>>> {
+    match handshake {
+        Ok(Ok(tls_stream)) => {
+            crate::metrics::bump(&ctx.metrics().tls_handshakes);
+            if tls::is_acme_tls_alpn(tls_stream.alpn_protocol()) {
+                // A TLS-ALPN-01 validation ends with the handshake (RFC 8737).
+                debug!("ACME TLS-ALPN-01 handshake done, closing");
+                return None;
+            }
+            if tls_stream.alpn_protocol() == Some(b"h2") {
+                tracing::Span::current().record("proto", "h2");
+                Some(Box::pin(http2::serve(ctx, tls_stream, info)))
+            } else {
+                tracing::Span::current().record("proto", "http/1.1");
+                Some(Box::pin(http1::serve(ctx, tls_stream, info)))
+            }
+        }
+        Ok(Err(e)) => {
+            crate::metrics::bump(&ctx.metrics().tls_handshake_failures);
+            debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            crate::metrics::bump(&ctx.metrics().tls_handshake_failures);
+            debug!("TLS handshake timed out");
+            None
+        }
+    }
 }
 
 async fn housekeeping(ctx: Rc<WorkerCtx>) {

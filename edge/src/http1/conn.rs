@@ -37,7 +37,7 @@ use crate::{
         https_location, local_response_text, normalize_host, open_connection, push_decimal,
         push_field, routing_path, write_framing, write_request_head, ForwardInfo, Opened,
     },
-    io::{with_timeout, ReadBuf},
+    io::{with_timeout, ReadBuf, WaitReadable},
     metrics::{Protocol, UpstreamErrorKind},
     settings::canonical_ip,
     state::{Compiled, CompiledRouter, EntryPoint},
@@ -80,7 +80,8 @@ impl Exchange {
     }
 }
 
-/// Buffers reused by every request of one connection.
+/// Buffers of one connection. They are reused while requests follow each other and
+/// released whenever the connection waits for the client's next request.
 struct ConnBuffers {
     inbuf: ReadBuf,
     head: RequestHead,
@@ -93,21 +94,32 @@ struct ConnBuffers {
     scratch: Vec<u8>,
 }
 
+impl ConnBuffers {
+    /// Returns the IO buffers to the worker's pool and frees the others, except for unread
+    /// bytes (a pipelined request). Small buffers (the parsed head's field list, host and
+    /// path) are kept.
+    fn release(&mut self) {
+        self.inbuf.release();
+        self.upbuf.release();
+        self.head_bytes = Vec::new();
+        self.out = Vec::new();
+        self.scratch = Vec::new();
+    }
+}
+
 /// Serves HTTP/1.1 on `client` until it closes, times out, or the worker shuts down.
 pub async fn serve<S>(ctx: Rc<WorkerCtx>, mut client: S, info: ConnInfo)
 where
-    S: AsyncReadRent + AsyncWriteRent + Split + 'static,
+    S: AsyncReadRent + AsyncWriteRent + WaitReadable + Split + 'static,
 {
     let settings = &ctx.shared.settings;
     let mut bufs = ConnBuffers {
-        inbuf: ReadBuf::with_capacity(HEAD_READ_BYTES),
+        inbuf: ReadBuf::lazy(HEAD_READ_BYTES),
         head: RequestHead::default(),
         head_bytes: Vec::new(),
         host: String::new(),
         path: String::new(),
         out: Vec::new(),
-        // Allocated on the first backend read, so an idle keep-alive connection holds only
-        // its client-side buffer.
         upbuf: ReadBuf::lazy(HEAD_READ_BYTES),
         rhead: ResponseHead::default(),
         scratch: Vec::new(),
@@ -120,6 +132,15 @@ where
             } else {
                 settings.keep_alive_timeout
             };
+            // Wait with no buffer held, then read with one from the worker's pool.
+            bufs.release();
+            let ready = monoio::select! {
+                _ = ctx.shutdown.wait() => return,
+                ready = with_timeout(wait, client.wait_readable()) => ready,
+            };
+            if ready.is_err() {
+                return;
+            }
             let read = monoio::select! {
                 _ = ctx.shutdown.wait() => return,
                 read = with_timeout(wait, bufs.inbuf.read_from(&mut client, HEAD_READ_BYTES)) => read,
@@ -144,13 +165,17 @@ where
             }
         }
 
-        let exchange = handle_request(&ctx, &mut client, &mut bufs, &info).await;
+        // Boxed, so that the connection's own future stays small while it waits: the request
+        // handling future is several KiB.
+        let exchange = Box::pin(handle_request(&ctx, &mut client, &mut bufs, &info));
+        let exchange = exchange.await;
         match exchange {
             Next::KeepAlive if !ctx.shutdown.is_triggered() => {}
             Next::KeepAlive | Next::Close => return,
             Next::Tunnel(upstream) => {
                 let idle = settings.body_idle_timeout;
-                tunnel(client, upstream, bufs.inbuf, bufs.upbuf, idle).await;
+                let relayed = Box::pin(tunnel(client, upstream, bufs.inbuf, bufs.upbuf, idle));
+                relayed.await;
                 return;
             }
         }
@@ -1149,4 +1174,30 @@ async fn copy_half<R, W>(
         }
     }
     let _ = dst.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_frees_idle_buffers() {
+        let mut bufs = ConnBuffers {
+            inbuf: ReadBuf::with_capacity(HEAD_READ_BYTES),
+            head: RequestHead::default(),
+            head_bytes: Vec::with_capacity(512),
+            host: String::new(),
+            path: String::new(),
+            out: Vec::with_capacity(512),
+            upbuf: ReadBuf::with_capacity(HEAD_READ_BYTES),
+            rhead: ResponseHead::default(),
+            scratch: Vec::with_capacity(512),
+        };
+        bufs.release();
+        assert_eq!(bufs.inbuf.capacity(), 0);
+        assert_eq!(bufs.upbuf.capacity(), 0);
+        assert_eq!(bufs.head_bytes.capacity(), 0);
+        assert_eq!(bufs.out.capacity(), 0);
+        assert_eq!(bufs.scratch.capacity(), 0);
+    }
 }
