@@ -24,6 +24,8 @@ use monoio::{
     net::TcpStream,
     BufResult,
 };
+// NOTE: backend connections still use monoio-rustls, which keeps 32 KiB of buffers per
+// connection; client connections use the buffer-pooling stream in `tls::stream`.
 use monoio_rustls::{ClientTlsStream, TlsConnector};
 use rustls_pki_types::ServerName;
 
