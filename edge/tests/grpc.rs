@@ -421,6 +421,12 @@ async fn http1_request_reaches_h2c_backend() {
         text.contains("transfer-encoding: chunked") || text.contains("Transfer-Encoding: chunked"),
         "response: {text:?}"
     );
+    // The client's `TE: trailers` reached the backend, which grpc-core servers require.
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("x-seen-te: trailers\r\n"),
+        "response: {text:?}"
+    );
     // The reply message, then the gRPC status in the trailer section of the last chunk.
     assert!(text.contains("echo: hi"), "response: {text:?}");
     assert!(

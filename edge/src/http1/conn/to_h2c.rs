@@ -282,6 +282,17 @@ fn build_request(
     if let BodyFraming::Length(n) = head.framing() {
         headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
     }
+    // `te` is hop-by-hop, but HTTP/2 allows `te: trailers`, and gRPC servers built on
+    // grpc-core reject a call without it.
+    let client_accepts_trailers = head.headers.iter().any(|field| {
+        bytes[field.name.clone()].eq_ignore_ascii_case(b"te")
+            && bytes[field.value.clone()]
+                .split(|&byte| byte == b',')
+                .any(|item| item.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+    });
+    if client_accepts_trailers {
+        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    }
 
     let mut request = http::Request::builder()
         .method(Method::from_bytes(req.method).ok()?)
