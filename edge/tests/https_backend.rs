@@ -372,5 +372,9 @@ async fn http3_reaches_tls_backend() {
     edge.expect_log("routes reloaded", Duration::from_secs(5));
     let (status, _) = get_h3(&edge, &pki, "/three").await;
     assert_eq!(status, 502);
+    edge.expect_log(
+        "TLS handshake with the backend failed",
+        Duration::from_secs(5),
+    );
     edge.expect_metric("edge_upstream_errors_total{kind=\"tls\"} 1");
 }

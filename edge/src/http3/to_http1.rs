@@ -14,7 +14,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{
     body::{self, BodyStart},
@@ -118,9 +118,14 @@ pub(super) async fn proxy(
                 ctx.metrics().upstream_error(kind);
                 ctx.upstreams.mark_failed(addr);
                 if ctx.should_log_upstream_error() {
-                    debug!(upstream = %addr, error = %message, "connecting to the backend failed");
+                    if kind == UpstreamErrorKind::Tls {
+                        let server_name = server.tls.as_ref().map(|tls| tls.server_name.to_str());
+                        warn!(upstream = %addr, service = %router.name, server_name = server_name.as_deref().unwrap_or_default(), error = %message, "TLS handshake with the backend failed");
+                    } else {
+                        warn!(upstream = %addr, service = %router.name, error = %message, "connecting to the backend failed");
+                    }
                 }
-                last_error = Some((kind, addr, message));
+                last_error = Some((kind, addr));
                 continue;
             }
         };
@@ -168,16 +173,14 @@ pub(super) async fn proxy(
             }
         }
     }
-    let Some((kind, addr, message)) = last_error else {
+    // Each failed attempt was logged where it failed.
+    let Some((kind, addr)) = last_error else {
         return send_local(send, 503).await;
     };
     let status = match kind {
         UpstreamErrorKind::ConnectTimeout => 504,
         _ => 502,
     };
-    if ctx.should_log_upstream_error() {
-        tracing::warn!(upstream = %addr, error = %message, "HTTP/3 request to the backend failed");
-    }
     let mut outcome = send_local(send, status).await;
     outcome.upstream = Some(addr);
     outcome
