@@ -33,7 +33,7 @@ const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 pub fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
     install_without_starting_services(BENCH_PACKAGES)?;
     install_pypi_packages();
-    run(Command::new("cargo").current_dir(root).args([
+    run(super::cargo().current_dir(root).args([
         "build",
         "--release",
         "--locked",

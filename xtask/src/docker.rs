@@ -149,7 +149,7 @@ pub fn docker_host() -> String {
 pub fn build_test_image(root: &Path) -> anyhow::Result<()> {
     let target = "x86_64-unknown-linux-gnu";
     super::run(
-        Command::new("cargo")
+        super::cargo()
             .current_dir(root)
             .env("RUSTFLAGS", "-C target-feature=+crt-static")
             .args([

@@ -61,6 +61,26 @@ fn main() -> ExitCode {
     }
 }
 
+/// Returns a `cargo` command without the variables that `cargo run` set for this xtask
+/// binary (`CARGO_PKG_NAME` and the like). Build scripts that read them would otherwise see
+/// other values than in a plain `cargo build` and rebuild their crates every time.
+fn cargo() -> Command {
+    let mut command = Command::new("cargo");
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        let set_by_cargo_run = name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                name,
+                "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+            );
+        if set_by_cargo_run {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -76,14 +96,14 @@ fn test() -> anyhow::Result<()> {
     tidy::check(&root)?;
     // The end-to-end tests start the edge and agent binaries themselves. EDGE_BPF_REQUIRED
     // makes the edge's build script fail rather than leave the eBPF object out.
-    run(Command::new("cargo")
+    run(cargo()
         .current_dir(&root)
         .args(["build", "--locked", "-p", "edge", "-p", "agent"])
         .env("EDGE_BPF_REQUIRED", "1"))?;
     let log = root.join("target").join("edge-test-dockerd.log");
     let engine = docker::TestEngine::start(&log)?;
     docker::build_test_image(&root)?;
-    let tested = run(Command::new("cargo")
+    let tested = run(cargo()
         .current_dir(&root)
         .args(["test", "--workspace", "--locked"])
         .env("EDGE_BPF_REQUIRED", "1")
@@ -97,7 +117,7 @@ fn test() -> anyhow::Result<()> {
         .env("EDGE_E2E_DOCKERD_LOG", &log));
     drop(engine);
     tested?;
-    run(Command::new("cargo")
+    run(cargo()
         .current_dir(&root)
         .args([
             "clippy",

@@ -20,7 +20,7 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
             eprintln!("xtask: cannot install clang-19 and libbpf-dev ({e:#}); the edge runs without the XDP filter and steering");
         }
     }
-    super::run(Command::new("cargo").current_dir(root).args([
+    super::run(super::cargo().current_dir(root).args([
         "build",
         "--release",
         "-p",
