@@ -494,6 +494,26 @@ fn h2_websocket_idle_tunnel_reset() {
 }
 
 #[test]
+fn h2_websocket_client_reset_closes_backend() {
+    let (backend, endings) = echo_server();
+    let edge = ws_edge("h2-ws-reset", backend, &[]);
+    block_on(async {
+        let mut sender = h2_client(&edge).await;
+        let (_, mut ws) = open_websocket(&mut sender, "/chat").await;
+        ws.send_text("ping");
+        let echo = ws.read_frame().await.unwrap();
+        assert_eq!(echo, Some((OpCode::Data(Data::Text), b"ping".to_vec())));
+        ws.send.send_reset(h2::Reason::CANCEL);
+        // Keep the connection open while the edge closes the backend side.
+        let ending = tokio::task::spawn_blocking(move || endings.recv_timeout(FRAME_WAIT))
+            .await
+            .unwrap()
+            .expect("the backend connection stayed open after the reset");
+        assert!(ending.starts_with("error"), "server saw: {ending}");
+    });
+}
+
+#[test]
 fn h2_websocket_backend_404_relayed() {
     let (backend, endings) = echo_server();
     let edge = ws_edge("h2-ws-404", backend, &[]);
