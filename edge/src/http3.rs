@@ -98,7 +98,7 @@ impl ConnectionIdGenerator for WorkerCids {
 }
 
 /// Fills `buf` from the kernel's random source.
-fn fill_random(buf: &mut [u8]) {
+pub(crate) fn fill_random(buf: &mut [u8]) {
     let mut filled = 0;
     while filled < buf.len() {
         // SAFETY: the pointer and length describe the unfilled tail of `buf`, which getrandom

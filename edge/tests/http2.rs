@@ -136,6 +136,8 @@ fn settings_advertise_limits() {
     // SETTINGS_MAX_CONCURRENT_STREAMS and SETTINGS_MAX_HEADER_LIST_SIZE.
     assert_eq!(setting(0x3), Some(100));
     assert_eq!(setting(0x6), Some(64 * 1024));
+    // SETTINGS_ENABLE_CONNECT_PROTOCOL, for WebSocket over HTTP/2.
+    assert_eq!(setting(0x8), Some(1));
 }
 
 #[test]

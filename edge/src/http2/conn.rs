@@ -85,7 +85,9 @@ where
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_send_buffer_size(SEND_BUFFER_BYTES)
         .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
-        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS));
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        // SETTINGS_ENABLE_CONNECT_PROTOCOL: lets clients send WebSocket over HTTP/2 (RFC 8441).
+        .enable_connect_protocol();
     let handshake = monoio::time::timeout(settings.header_read_timeout, builder.handshake(io));
     let mut conn = match handshake.await {
         Ok(Ok(conn)) => conn,

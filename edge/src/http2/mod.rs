@@ -8,6 +8,7 @@ pub mod guard;
 mod h2c;
 pub(crate) mod stream;
 mod to_http1;
+mod websocket;
 
 pub use conn::serve;
 pub(crate) use h2c::{grpc_timeout, is_grpc, GRPC_DEADLINE_EXCEEDED};

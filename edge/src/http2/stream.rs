@@ -3,9 +3,12 @@
 //!
 //! ```text
 //! request head ─> route ─> no route / bad request / CONNECT ─> local response
-//!   ├─ service with h2c servers ─> h2c::proxy_h2c
-//!   └─ otherwise ─> to_http1::proxy_http1
+//!   ├─ service with h2c servers ─> h2c::proxy_h2c (WebSocket: 502)
+//!   └─ otherwise ─> to_http1::proxy_http1 (WebSocket: HTTP/1.1 upgrade, then a tunnel)
 //! ```
+//!
+//! An extended CONNECT with `:protocol websocket` (RFC 8441) is routed like a GET of its
+//! `:authority` and `:path`. A CONNECT without `:protocol`, or with another protocol, gets 405.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -19,7 +22,12 @@ use h2::{server::SendResponse, RecvStream, SendStream};
 use http::{header, HeaderMap, Request, Response};
 use tracing::{debug, Instrument};
 
-use super::{conn::H2Conn, h2c::proxy_h2c, to_http1::proxy_http1};
+use super::{
+    conn::H2Conn,
+    h2c::proxy_h2c,
+    to_http1::proxy_http1,
+    websocket::{is_websocket_connect, new_key},
+};
 use crate::{
     access_log::Record,
     forward::{local_response_text, ForwardInfo, RouteKey},
@@ -102,22 +110,24 @@ pub async fn serve_stream(
         valid,
     } = RouteKey::from_parts(&parts);
     let method = parts.method.as_str();
+    let websocket = is_websocket_connect(&parts);
     let client_ip = canonical_ip(info.peer.ip());
     let compiled = ctx.snapshot();
 
     let mut route_name: &str = "";
     let outcome = if !valid {
         send_local(&mut respond, 400)
-    } else if parts.method == http::Method::CONNECT {
-        // NOTE: extended CONNECT (RFC 8441, WebSocket over HTTP/2) is not offered, so h2
-        // only lets a plain CONNECT through, which a reverse proxy does not serve.
+    } else if parts.method == http::Method::CONNECT && !websocket {
+        // A reverse proxy does not open TCP tunnels to arbitrary hosts, and extended
+        // CONNECT is served only for WebSocket.
         send_local(&mut respond, 405)
     } else {
         let view = View {
             host: &host,
             path: &path,
             query: parts.uri.query().unwrap_or(""),
-            method,
+            // Rules see a WebSocket CONNECT as the GET an HTTP/1.1 client would send.
+            method: if websocket { "GET" } else { method },
             headers: &parts.headers,
             client_ip,
         };
@@ -130,6 +140,7 @@ pub async fn serve_stream(
                     target,
                     request_id,
                     client_ip,
+                    websocket_key: websocket.then(new_key),
                 };
                 let span = tracing::debug_span!(
                     "request",
@@ -141,7 +152,12 @@ pub async fn serve_stream(
                 // NOTE: the scheme of a service's first server decides the protocol for all
                 // of its servers.
                 let service = &compiled.services[router.service];
-                let outcome = if service.servers.first().is_some_and(|s| s.h2c) {
+                let h2c = service.servers.first().is_some_and(|s| s.h2c);
+                let outcome = if h2c && websocket {
+                    // NOTE: WebSocket to h2c backends is not built, as over HTTP/1.1, because
+                    // it would need extended CONNECT on the backend connection too.
+                    send_local(&mut respond, 502)
+                } else if h2c {
                     proxy_h2c(&ctx, &info, &compiled, router, &request, body, respond)
                         .instrument(span)
                         .await
@@ -185,6 +201,8 @@ pub(super) struct ForwardedRequest<'a> {
     pub target: &'a [u8],
     pub request_id: RequestId,
     pub client_ip: IpAddr,
+    /// The `Sec-WebSocket-Key` sent to the backend when the request is a WebSocket CONNECT.
+    pub websocket_key: Option<String>,
 }
 
 impl ForwardedRequest<'_> {
@@ -195,8 +213,13 @@ impl ForwardedRequest<'_> {
         info: &crate::worker::ConnInfo,
         trusted_peer: bool,
     ) -> ForwardInfo<'a> {
+        let method = if self.websocket_key.is_some() {
+            &b"GET"[..]
+        } else {
+            self.parts.method.as_str().as_bytes()
+        };
         ForwardInfo {
-            method: self.parts.method.as_str().as_bytes(),
+            method,
             target: self.target,
             host,
             raw_host: self.raw_host,

@@ -10,6 +10,9 @@
 //! A client that resets the stream while the backend is still working cancels the backend
 //! exchange at once, so a Rapid Reset costs the backend no more than the requests that were
 //! really sent to it.
+//!
+//! A WebSocket CONNECT goes out as an HTTP/1.1 upgrade GET on a connection that offers only
+//! `http/1.1`, and the backend's 101 turns the stream into a tunnel (`websocket.rs`).
 
 use std::{
     future::poll_fn,
@@ -29,6 +32,7 @@ use super::{
     body::{parse_trailers, H2Sink},
     h2c::{exchange_h2, H2Target},
     stream::{send_head, send_local, ForwardedRequest, Outcome},
+    websocket::{accepts_handshake, push_handshake_fields, relay_tunnel},
 };
 use crate::{
     forward::{open_connection, write_framing, write_request_head, Opened},
@@ -144,7 +148,33 @@ pub(super) async fn proxy_http1(
     };
     let addr = answered.addr;
     let _in_flight = ctx.upstreams.start_request(addr);
-    relay_response(ctx, answered, respond).await
+    match &req.websocket_key {
+        Some(key) if answered.rhead.status == 101 => {
+            let head_bytes = &answered.upbuf.data()[..answered.rhead.head_len];
+            if !accepts_handshake(head_bytes, &answered.rhead, key) {
+                debug!(upstream = %addr, "the backend's 101 does not complete the WebSocket handshake");
+                ctx.metrics().upstream_error(UpstreamErrorKind::Protocol);
+                return Outcome {
+                    upstream: Some(addr),
+                    ..send_local(&mut respond, 502)
+                };
+            }
+            let idle = ctx.shared.settings.body_idle_timeout;
+            let Answered {
+                upstream,
+                upbuf,
+                rhead,
+                ..
+            } = answered;
+            let sent = relay_tunnel(upstream, upbuf, &rhead, body, &mut respond, idle).await;
+            Outcome {
+                status: 200,
+                bytes: sent.unwrap_or(0),
+                upstream: Some(addr),
+            }
+        }
+        _ => relay_response(ctx, answered, respond).await,
+    }
 }
 
 /// Picks a backend, sends the request head and body and reads the response head, retrying
@@ -162,8 +192,10 @@ async fn forward(
 ) -> Result<Answered, ForwardError> {
     let settings = &ctx.shared.settings;
     let service = &compiled.services[router.service];
-    let has_body = !body.is_end_stream();
-    let replayable = !has_body && is_idempotent(req.parts.method.as_str().as_bytes());
+    // The DATA of a WebSocket CONNECT belongs to the tunnel, not to the upgrade request.
+    let has_body = req.websocket_key.is_none() && !body.is_end_stream();
+    let replayable = !has_body
+        && (req.websocket_key.is_some() || is_idempotent(req.parts.method.as_str().as_bytes()));
     let framing = match (has_body, length) {
         (_, Some(n)) => BodyFraming::Length(n),
         (false, None) => BodyFraming::Empty,
@@ -199,7 +231,8 @@ async fn forward(
             settings.is_trusted_proxy(info.peer.ip()),
         );
 
-        let opened = open_connection(ctx, addr, server, &router.name, false).await;
+        let http1_only = req.websocket_key.is_some();
+        let opened = open_connection(ctx, addr, server, &router.name, http1_only).await;
         let (mut upstream, reused) = match opened {
             Ok(Opened::Http1 { stream, reused }) => (stream, reused),
             Ok(Opened::H2(sender)) => {
@@ -275,7 +308,9 @@ async fn forward(
 
 /// Writes the HTTP/1.1 request head for the backend. HTTP/2 has no hop-by-hop fields except
 /// `te: trailers`, which is dropped like any `TE`. Split `cookie` fields are joined with
-/// "; ", as RFC 9113 section 8.2.3 requires for HTTP/1.1.
+/// "; ", as RFC 9113 section 8.2.3 requires for HTTP/1.1. A WebSocket CONNECT becomes an
+/// upgrade GET with the edge's own `Sec-WebSocket-Key`, and the client's
+/// `Sec-WebSocket-Version`, `-Protocol` and `-Extensions` pass through.
 fn build_upstream_head(
     out: &mut Vec<u8>,
     req: &ForwardedRequest<'_>,
@@ -302,10 +337,14 @@ fn build_upstream_head(
                 || *name == b"host"
                 || *name == b"content-length"
                 || *name == b"expect"
-                || *name == b"cookie")
+                || *name == b"cookie"
+                || *name == b"sec-websocket-key")
         })
         .chain((!cookie.is_empty()).then_some((&b"cookie"[..], &cookie[..])));
     write_request_head(out, &fwd, fields);
+    if let Some(key) = &req.websocket_key {
+        push_handshake_fields(out, key);
+    }
     write_framing(out, framing);
     out.extend_from_slice(b"\r\n");
 }
@@ -415,8 +454,11 @@ async fn read_response_head(
             head_request,
             &mut rhead,
         ) {
+            Ok(Some(())) if rhead.status == 101 && req.websocket_key.is_some() => {
+                return Ok((upbuf, rhead));
+            }
             Ok(Some(())) if (100..200).contains(&rhead.status) => {
-                // 101 is never valid here: HTTP/2 requests carry no Upgrade.
+                // Only a WebSocket CONNECT requests an upgrade.
                 if rhead.status == 101 {
                     return Err(HeadError::Fatal(502, UpstreamErrorKind::Protocol));
                 }
