@@ -21,7 +21,10 @@ use h2::{client::SendRequest, server::SendResponse, Reason, RecvStream, SendStre
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
 use tracing::debug;
 
-use super::stream::{send_head, send_local, ForwardedRequest, Outcome};
+use super::{
+    send_with_capacity,
+    stream::{send_head, send_local, ForwardedRequest, Outcome},
+};
 use crate::{
     forward::forwarded_fields,
     http1::head::is_hop_by_hop,
@@ -264,7 +267,10 @@ async fn pump_request(mut body: RecvStream, mut upstream: SendStream<Bytes>, idl
             }
         };
         let len = data.len();
-        if send_with_capacity(&mut upstream, data, idle).await.is_err() {
+        if send_with_capacity(&mut upstream, data, idle, monoio::time::sleep)
+            .await
+            .is_err()
+        {
             return;
         }
         let _ = body.flow_control().release_capacity(len);
@@ -276,34 +282,6 @@ async fn pump_request(mut body: RecvStream, mut upstream: SendStream<Bytes>, idl
     if let Err(e) = ended {
         debug!(error = %e, "ending the request stream to the backend failed");
     }
-}
-
-/// Sends `data` on `stream` in pieces as flow-control capacity becomes available.
-async fn send_with_capacity(
-    stream: &mut SendStream<Bytes>,
-    mut data: Bytes,
-    idle: Duration,
-) -> Result<(), ()> {
-    while !data.is_empty() {
-        stream.reserve_capacity(data.len());
-        let capacity =
-            match monoio::time::timeout(idle, poll_fn(|cx| stream.poll_capacity(cx))).await {
-                Ok(Some(Ok(n))) => n,
-                Ok(Some(Err(_))) | Ok(None) => return Err(()),
-                Err(_) => {
-                    stream.send_reset(Reason::CANCEL);
-                    return Err(());
-                }
-            };
-        if capacity == 0 {
-            continue;
-        }
-        let piece = data.split_to(capacity.min(data.len()));
-        if stream.send_data(piece, false).is_err() {
-            return Err(());
-        }
-    }
-    Ok(())
 }
 
 /// Sends the backend's response head, body and trailers to the client. A trailers-only
@@ -412,7 +390,7 @@ async fn relay_body(
         };
         let len = data.len();
         total += len as u64;
-        send_with_capacity(send, data, idle)
+        send_with_capacity(send, data, idle, monoio::time::sleep)
             .await
             .map_err(|()| RelayEnd::Client)?;
         let _ = body.flow_control().release_capacity(len);

@@ -27,6 +27,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use sha1::{Digest, Sha1};
 use tracing::debug;
 
+use super::send_with_capacity;
 use crate::{
     http1::head::{trim_ows, ResponseHead},
     io::ReadBuf,
@@ -183,9 +184,10 @@ async fn backend_to_client<R: AsyncReadRent>(
     loop {
         if !buf.is_empty() {
             let data = Bytes::copy_from_slice(buf.data());
+            let len = data.len() as u64;
             buf.consume(data.len());
-            match send_with_capacity(&mut send, data, idle).await {
-                Ok(n) => sent += n as u64,
+            match send_with_capacity(&mut send, data, idle, monoio::time::sleep).await {
+                Ok(()) => sent += len,
                 Err(()) => {
                     send.send_reset(h2::Reason::CANCEL);
                     return sent;
@@ -221,37 +223,6 @@ async fn backend_to_client<R: AsyncReadRent>(
             }
         }
     }
-}
-
-/// Sends `data` as DATA frames as the client's window opens, waiting at most `idle` for
-/// each grant of capacity.
-async fn send_with_capacity(
-    send: &mut SendStream<Bytes>,
-    mut data: Bytes,
-    idle: Duration,
-) -> Result<usize, ()> {
-    let total = data.len();
-    while !data.is_empty() {
-        send.reserve_capacity(data.len());
-        let capacity = loop {
-            if send.capacity() > 0 {
-                break send.capacity();
-            }
-            match monoio::time::timeout(idle, poll_fn(|cx| send.poll_capacity(cx))).await {
-                Ok(Some(Ok(_))) => {}
-                Ok(Some(Err(e))) => {
-                    debug!(error = %e, "the client's WebSocket stream failed");
-                    return Err(());
-                }
-                Ok(None) | Err(_) => return Err(()),
-            }
-        };
-        let chunk = data.split_to(capacity.min(data.len()));
-        if send.send_data(chunk, false).is_err() {
-            return Err(());
-        }
-    }
-    Ok(total)
 }
 
 #[cfg(test)]

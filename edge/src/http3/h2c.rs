@@ -12,7 +12,6 @@
 use std::{
     cell::{Cell, RefCell},
     collections::HashMap,
-    future::poll_fn,
     net::SocketAddr,
     rc::Rc,
     time::{Duration, Instant},
@@ -30,7 +29,7 @@ use super::{
 use crate::{
     forward::{forwarded_fields, ForwardInfo},
     http1::head::is_hop_by_hop,
-    http2::{grpc_timeout, is_grpc, GRPC_DEADLINE_EXCEEDED},
+    http2::{grpc_timeout, is_grpc, send_with_capacity, GRPC_DEADLINE_EXCEEDED},
     metrics::UpstreamErrorKind,
     state::{Compiled, CompiledRouter},
     upstream::Pick,
@@ -279,7 +278,7 @@ struct H2Sink {
 
 impl BodySink for H2Sink {
     async fn send_data(&mut self, data: Bytes) -> Result<(), ()> {
-        send_with_capacity(&mut self.stream, data, self.idle).await
+        send_with_capacity(&mut self.stream, data, self.idle, tokio::time::sleep).await
     }
 
     async fn send_trailers(&mut self, trailers: HeaderMap) -> Result<(), ()> {
@@ -294,34 +293,6 @@ impl BodySink for H2Sink {
         debug!(reason, "resetting the request stream to the h2c backend");
         self.stream.send_reset(Reason::CANCEL);
     }
-}
-
-/// Sends `data` on `stream` in pieces as flow-control capacity becomes available.
-async fn send_with_capacity(
-    stream: &mut SendStream<Bytes>,
-    mut data: Bytes,
-    idle: Duration,
-) -> Result<(), ()> {
-    while !data.is_empty() {
-        stream.reserve_capacity(data.len());
-        let capacity =
-            match tokio::time::timeout(idle, poll_fn(|cx| stream.poll_capacity(cx))).await {
-                Ok(Some(Ok(n))) => n,
-                Ok(Some(Err(_))) | Ok(None) => return Err(()),
-                Err(_) => {
-                    stream.send_reset(Reason::CANCEL);
-                    return Err(());
-                }
-            };
-        if capacity == 0 {
-            continue;
-        }
-        let piece = data.split_to(capacity.min(data.len()));
-        if stream.send_data(piece, false).is_err() {
-            return Err(());
-        }
-    }
-    Ok(())
 }
 
 /// Sends the backend's response head, body and trailers to the client. A trailers-only
