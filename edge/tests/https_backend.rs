@@ -316,14 +316,17 @@ async fn server_name_used_for_sni() {
     assert_eq!(seen.sni.last(), Some(&Some("backend.internal".to_owned())));
 }
 
-/// Sends GET `path` for `app.test` over HTTP/3 to the edge, trusting `pki`'s CA. Returns the
-/// status and the body.
-async fn get_h3(edge: &Edge, pki: &TestPki, path: &str) -> (u16, String) {
+/// Connects to the edge over HTTP/3 as `app.test`, trusting `pki`'s CA.
+async fn connect_h3(edge: &Edge, pki: &TestPki) -> common::h3client::Client {
     let ca = rustls::pki_types::CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap();
     let endpoint = common::h3client::endpoint("127.0.0.1:0".parse().unwrap(), ca);
-    let mut client = common::h3client::Client::connect(&endpoint, edge.https, "app.test")
+    common::h3client::Client::connect(&endpoint, edge.https, "app.test")
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Sends GET `path` for `app.test` on `client`. Returns the status and the body.
+async fn get_h3(client: &mut common::h3client::Client, path: &str) -> (u16, String) {
     let request = http::Request::get(format!("https://app.test{path}"))
         .body(())
         .unwrap();
@@ -350,8 +353,10 @@ async fn http3_reaches_tls_backend() {
     std::fs::write(&routes_file, &verified).unwrap();
     let edge = Edge::start_with_file(dir.clone(), &routes_file, &[]);
 
+    // One QUIC connection, so both requests reach the same QUIC thread and its pool.
+    let mut client = connect_h3(&edge, &pki).await;
     for path in ["/one", "/two"] {
-        let (status, body) = get_h3(&edge, &pki, path).await;
+        let (status, body) = get_h3(&mut client, path).await;
         assert_eq!(status, 200, "{path}");
         assert_eq!(body, format!("http/1.1 {path}"));
     }
@@ -370,7 +375,7 @@ async fn http3_reaches_tls_backend() {
     let untrusted = verified.replace("        serversTransport: backend@file\n", "");
     std::fs::write(&routes_file, untrusted).unwrap();
     edge.expect_log("routes reloaded", Duration::from_secs(5));
-    let (status, _) = get_h3(&edge, &pki, "/three").await;
+    let (status, _) = get_h3(&mut client, "/three").await;
     assert_eq!(status, 502);
     edge.expect_log(
         "TLS handshake with the backend failed",
