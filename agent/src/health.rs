@@ -458,7 +458,7 @@ mod tests {
     }
 
     /// Starts a TLS server on 127.0.0.1 with a leaf certificate for 127.0.0.1 signed by a
-    /// new CA, answering every request with 200. Returns its address and the CA's PEM.
+    /// new CA, which responds to every request with 200. Returns its address and the CA's PEM.
     async fn tls_backend() -> (SocketAddr, String) {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
         use rustls_pki_types::{pem::PemObject, PrivateKeyDer};

@@ -361,9 +361,9 @@ impl Goal {
 enum Verdict {
     Met,
     Missed,
-    /// A value the check needs is missing from the run; the reason says which.
+    /// A value the check needs is missing from the run; the reason names it.
     NotMeasured(String),
-    /// The value was measured under conditions other than the goal's; the reason says how.
+    /// The value was measured under conditions other than the goal's; the reason describes them.
     NotComparable(String),
 }
 

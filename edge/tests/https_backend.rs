@@ -52,8 +52,8 @@ struct Seen {
     schemes: Vec<String>,
 }
 
-/// Starts a TLS backend on 127.0.0.1 with `pki`'s certificate. It offers `alpn` and answers
-/// every request with 200 and the body `PROTOCOL PATH` (`http/1.1` or `h2`).
+/// Starts a TLS backend on 127.0.0.1 with `pki`'s certificate. It offers `alpn` and responds
+/// to every request with 200 and the body `PROTOCOL PATH` (`http/1.1` or `h2`).
 async fn start_backend(pki: &TestPki, alpn: &[&[u8]]) -> (SocketAddr, Arc<Mutex<Seen>>) {
     let chain =
         vec![rustls::pki_types::CertificateDer::from_pem_slice(pki.cert_pem.as_bytes()).unwrap()];
@@ -101,7 +101,7 @@ async fn start_backend(pki: &TestPki, alpn: &[&[u8]]) -> (SocketAddr, Arc<Mutex<
     (addr, seen)
 }
 
-/// Answers HTTP/1.1 requests without bodies on one keep-alive connection.
+/// Serves HTTP/1.1 requests without bodies on one keep-alive connection.
 async fn serve_http1(mut stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -127,7 +127,7 @@ async fn serve_http1(mut stream: tokio_rustls::server::TlsStream<tokio::net::Tcp
     }
 }
 
-/// Answers HTTP/2 requests, with a trailer as gRPC servers send.
+/// Serves HTTP/2 requests, with a trailer as gRPC servers send.
 async fn serve_h2(
     stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     record: Arc<Mutex<Seen>>,
@@ -162,7 +162,7 @@ fn routes(url: &str, transport: Option<&str>) -> String {
     out
 }
 
-/// Starts the edge in a new directory that holds `ca.pem`, with `routes`.
+/// Starts the edge in a new directory that contains `ca.pem`, with `routes`.
 fn start_edge(name: &str, pki: &TestPki, routes: &str) -> Edge {
     let dir = common::temp_dir(name);
     std::fs::write(dir.join("ca.pem"), &pki.ca_pem).unwrap();

@@ -21,11 +21,11 @@ pub const ALPN_H2_AND_HTTP1: &[&[u8]] = &[b"h2", b"http/1.1"];
 /// ALPN list offered when only HTTP/1.1 may be used (WebSocket upgrades, `disableHTTP2`).
 pub const ALPN_HTTP1: &[&[u8]] = &[b"http/1.1"];
 
-/// Why TLS client settings could not be built.
+/// Error building TLS client settings.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientTlsError {
-    /// A `rootCAs` entry holds no certificate that rustls accepts as a trust anchor.
+    /// A `rootCAs` entry contains no certificate that rustls accepts as a trust anchor.
     #[error("root CA {origin}: {reason}")]
     InvalidRootCa { origin: String, reason: String },
     /// The system's root certificates could not be loaded and no `rootCAs` replace them.

@@ -112,7 +112,7 @@ fn tunnel_head(head_bytes: &[u8], rhead: &ResponseHead) -> Response<()> {
 }
 
 /// Sends 200 on the stream and relays bytes both ways between it and the backend until
-/// both sides have ended or neither has sent anything for `idle`. `upbuf` holds the 101
+/// both sides have ended or neither has sent anything for `idle`. `upbuf` contains the 101
 /// head (`rhead.head_len` bytes) and any bytes the backend sent after it. Returns the
 /// number of bytes sent to the client, or `None` when the client had gone before the 200.
 pub(super) async fn relay_tunnel(

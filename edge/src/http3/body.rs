@@ -47,7 +47,7 @@ impl BodyError {
 }
 
 /// Finds out whether the request has a body, without waiting for it when the request head
-/// already tells.
+/// already shows it.
 ///
 /// A `content-length` decides at once. Without one, data or the end of the stream that have
 /// already arrived decide. Otherwise methods that usually carry a body (POST, PUT, PATCH and

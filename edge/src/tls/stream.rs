@@ -10,7 +10,7 @@
 //! on io_uring they cost no syscall of their own.
 //!
 //! What an idle connection keeps is rustls' own state: the keys and a 4 KiB record buffer
-//! (rustls 0.23 shrinks its deframer buffer to 4 KiB whenever it holds no partial record).
+//! (rustls 0.23 shrinks its deframer buffer to 4 KiB whenever it has no partial record).
 //!
 //! A read or write cancelled while its IO is in flight loses those bytes, so the caller must
 //! close the connection then, as with any monoio owned-buffer IO. Waiting for readiness
@@ -370,7 +370,8 @@ mod tests {
     use super::{accept, TlsStream};
     use crate::io::{pool, ReadBuf};
 
-    /// A server and a client configuration that trust each other's self-signed certificate.
+    /// Returns a server and a client configuration. The client trusts the server's
+    /// self-signed certificate.
     fn configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
         let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])

@@ -1,6 +1,6 @@
-//! Forwarding of one HTTP/1.1 request to an HTTP/2 backend (h2c, or https that chose `h2`):
-//! the request becomes an HTTP/2 stream on the worker's pooled connection, and the response
-//! comes back re-framed as HTTP/1.1, with the backend's trailers in the last chunk.
+//! Forwarding of one HTTP/1.1 request to an HTTP/2 backend (h2c, or https that chose `h2`).
+//! The request becomes an HTTP/2 stream on the worker's pooled connection. The response comes
+//! back re-framed as HTTP/1.1, with the backend's trailers in the last chunk.
 //!
 //! ```text
 //! request head ─> HEADERS ─> body as DATA (client window) ─> trailers or END_STREAM
