@@ -280,11 +280,16 @@ fn run(
 ) -> io::Result<()> {
     let driver = shared.settings.io_driver;
     if driver != IoDriver::Epoll {
-        match RuntimeBuilder::<IoUringDriver>::new()
-            .with_entries(1024)
-            .enable_timer()
-            .build()
-        {
+        // The deferred-completion flags need Linux 6.1; an older kernel rejects them with
+        // EINVAL, and the ring is then built without them.
+        let runtime = uring_runtime(true).or_else(|e| {
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e);
+            }
+            warn!(worker = id, error = %e, "io_uring rejects deferred completions, using it without");
+            uring_runtime(false)
+        });
+        match runtime {
             Ok(mut runtime) => {
                 info!(worker = id, driver = "io_uring", "worker runtime started");
                 return runtime.block_on(worker_main(id, shared, listeners, stop));
@@ -300,6 +305,27 @@ fn run(
         .build()?;
     info!(worker = id, driver = "epoll", "worker runtime started");
     runtime.block_on(worker_main(id, shared, listeners, stop))
+}
+
+/// Builds a worker's io_uring runtime. The ring is created, submitted to and reaped on this
+/// thread only, so with `deferred` it tells the kernel so (`SINGLE_ISSUER`) and asks it to
+/// post completions when the worker waits for them (`DEFER_TASKRUN`, with `COOP_TASKRUN`)
+/// rather than interrupting the worker with task work as each socket becomes ready.
+fn uring_runtime(
+    deferred: bool,
+) -> io::Result<monoio::Runtime<monoio::time::TimeDriver<IoUringDriver>>> {
+    let mut setup = io_uring::IoUring::builder();
+    if deferred {
+        setup
+            .setup_coop_taskrun()
+            .setup_single_issuer()
+            .setup_defer_taskrun();
+    }
+    RuntimeBuilder::<IoUringDriver>::new()
+        .with_entries(1024)
+        .uring_builder(setup)
+        .enable_timer()
+        .build()
 }
 
 async fn worker_main(
