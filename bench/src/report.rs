@@ -216,11 +216,14 @@ fn render_fixed_rate(out: &mut String, results: &RunResults) {
         "Rate: {}. Latency is corrected for coordinated omission: each connection is replayed \
          as if every request had left at its due time, or when the previous response was \
          complete, and had taken the time the target actually needed. So a slow response \
-         delays the requests queued behind it, while the load generator's own timer lag (its \
-         timer has millisecond resolution) is not charged to the target. `uncorrected p99` counts \
-         from the actual send. `added p99` is the target's p99 minus the direct path's p99. \
-         `send lag` is how late requests actually left; far above 1 ms, the connections fell \
-         behind the schedule. `errors` include requests still unsent at the end.\n",
+         delays the requests queued behind it, while the load generator's own lag is not \
+         charged to the target. The load generator releases each request at its due time with \
+         a timerfd, so requests leave spread out, not in millisecond bursts. `uncorrected p99` \
+         counts from the actual send. `added p99` is the target's p99 minus the direct path's \
+         p99. `send lag` is how late requests actually left. Far above 1 ms, the connections \
+         fell behind the schedule. `client CPU busy` is the share of the client CPUs that the \
+         load generator and the backend used. Near 100 %, queueing on the client adds to every \
+         latency. `errors` include requests still unsent at the end.\n",
         settings.fixed_rate_basis
     );
     let direct_p99 = results
@@ -247,6 +250,7 @@ fn render_fixed_rate(out: &mut String, results: &RunResults) {
             optional_spread(agg.uncorrected_p99_us, 0),
             optional_spread(agg.send_lag_p99_us, 0),
             optional_spread(agg.cpu_us_per_request, 1),
+            percent_cell(agg.client_cpu_busy),
             error_total(&agg).to_string(),
         ]);
     }
@@ -267,6 +271,7 @@ fn render_fixed_rate(out: &mut String, results: &RunResults) {
             "uncorrected p99 µs",
             "send lag p99 µs",
             "proxy CPU µs/request",
+            "client CPU busy",
             "errors",
         ],
         &rows,
