@@ -134,6 +134,10 @@ pub struct LoadConfig {
     pub duration: Duration,
     /// Time allowed for connect, handshake and response of one request.
     pub request_timeout: Duration,
+    /// Open loop only: shortest time between two wake-ups of a thread's pacer. Requests that
+    /// fall due in between leave together at the next wake-up. Zero releases every request at
+    /// its own due time.
+    pub pacer_resolution: Duration,
 }
 
 /// When a run starts, starts recording and stops sending.
@@ -462,6 +466,7 @@ fn single_connection_shared(
         warmup: Duration::ZERO,
         duration: Duration::ZERO,
         request_timeout: timeout,
+        pacer_resolution: Duration::ZERO,
     };
     let (tls, quic) = client_tls(protocol, host)?;
     let now = Instant::now();
@@ -567,9 +572,15 @@ fn run_thread(shared: &Arc<Shared>, connection_ids: &[usize]) -> anyhow::Result<
                 let shared = shared.clone();
                 let permits = permits.clone();
                 Some(tokio::task::spawn_local(async move {
-                    pacer::release_requests(pacer, timer, &permits, shared.window, || {
-                        shared.stopped()
-                    })
+                    let resolution = shared.config.pacer_resolution;
+                    pacer::release_requests(
+                        pacer,
+                        timer,
+                        &permits,
+                        shared.window,
+                        resolution,
+                        || shared.stopped(),
+                    )
                     .await
                 }))
             }
@@ -1081,6 +1092,7 @@ mod tests {
             warmup: Duration::ZERO,
             duration: Duration::ZERO,
             request_timeout: Duration::from_secs(1),
+            pacer_resolution: Duration::ZERO,
         }
     }
 

@@ -142,6 +142,10 @@ fn register(timer: TimerFd) -> io::Result<AsyncFd<TimerFd>> {
 /// due, until the last request due before the end of `window`, or until `stopped` returns
 /// `true`. Closes every permit when it ends, also on an error or a panic.
 ///
+/// Two wake-ups are at least `resolution` apart, so requests that fall due within
+/// `resolution` of the previous wake-up leave together at the next one. Every wake-up of an
+/// idle thread costs client CPU time, and this bounds their number.
+///
 /// [`Release::slot`]: crate::schedule::Release::slot
 ///
 /// # Errors
@@ -151,17 +155,20 @@ pub(super) async fn release_requests(
     timer: DeadlineTimer,
     permits: &[Permits],
     window: Window,
+    resolution: Duration,
     stopped: impl Fn() -> bool,
 ) -> io::Result<()> {
     let _close = ClosePermits(permits);
     let run_len = window.end - window.start;
+    let mut previous_wake = window.start;
     while let Some(due) = pacer.next_due() {
         if due >= run_len || stopped() {
             break;
         }
-        let deadline = window.start + due;
+        let deadline = (window.start + due).max(previous_wake + resolution);
         let wake = deadline.min(Instant::now() + STOP_CHECK_INTERVAL);
         timer.sleep_until(wake).await?;
+        previous_wake = Instant::now();
         let elapsed = Instant::now().saturating_duration_since(window.start);
         pacer.release_due(elapsed.min(run_len), |release| {
             if let Some(connection) = permits.get(release.slot) {
