@@ -70,7 +70,7 @@ pub struct Pacer {
     connection_ids: Vec<usize>,
     connections: u64,
     rate_per_s: f64,
-    /// Position of the next request to release in the thread's sequence: request
+    /// Position of the next request to release in the thread's sequence. It is request
     /// `next / connection_ids.len()` of the connection at `next % connection_ids.len()`.
     next: u64,
 }
@@ -274,7 +274,7 @@ mod tests {
         let mut pacer = Pacer::new((0..4).collect(), 4, 1000.0);
         // Request 0 is due at the start itself.
         assert_eq!(pacer.release_due(Duration::ZERO, |_| {}), 1);
-        // Requests 1 and 2 are due at 1 and 2 ms; request 3 at 3 ms is not due yet.
+        // Requests 1 and 2 are due at 1 and 2 ms. Request 3, at 3 ms, is not due yet.
         assert_eq!(pacer.release_due(Duration::from_micros(2500), |_| {}), 2);
         // Nothing is released twice.
         assert_eq!(pacer.release_due(Duration::from_micros(2500), |_| {}), 0);

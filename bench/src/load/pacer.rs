@@ -1,12 +1,14 @@
-//! Releases the requests of an open-loop run at their due times with microsecond precision.
+//! Releases the requests of an open-loop run at their due times, with a timer of nanosecond
+//! resolution.
 //!
 //! tokio's timer has millisecond resolution, so requests paced by it leave in bursts at
 //! millisecond ticks. The pacer instead arms a timerfd on `CLOCK_MONOTONIC` with the absolute due
 //! time of the next request. The kernel runs it as a high-resolution timer with no timer slack
 //! (`timerfd_setup` in `fs/timerfd.c` starts its hrtimer with a zero range), and epoll wakes
-//! the runtime when it fires. Each load-generator thread runs one pacer task next to its
-//! connection tasks on its current-thread runtime, so that a release is a wake-up of a local
-//! task: no extra thread and no cross-thread wake-up costs time on the client CPU.
+//! the runtime when it fires. So a request leaves late only by the wake-up latency of the
+//! thread and by the work the thread is busy with. Each load-generator thread runs one pacer
+//! task next to its connection tasks on its current-thread runtime, so a release only wakes a
+//! local task. No extra thread and no cross-thread wake-up cost time on the client CPU.
 
 use std::{cell::Cell, io, time::Duration, time::Instant};
 
@@ -25,7 +27,7 @@ use tokio::{
 use super::Window;
 use crate::schedule::Pacer;
 
-/// Longest time the pacer sleeps without checking whether the run was stopped.
+/// Maximum time the pacer sleeps before it checks whether the run was stopped.
 const STOP_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The requests that the pacer has released to one connection.
@@ -113,14 +115,14 @@ impl DeadlineTimer {
             )
             .map_err(|e| io::Error::other(format!("timerfd_settime failed: {e}")))?;
         loop {
-            // The expiration count is never read, which saves a system call per request: the
+            // The expiration count is never read, which saves a system call per request. The
             // next `timerfd_settime` resets it, and epoll (edge-triggered in tokio) reports each
             // expiration as a new event even when the count was not read.
             let mut guard = self.fd.readable().await?;
             guard.clear_ready();
-            // The timer cannot fire early, because `clock` is at or after `deadline`: the base
-            // `CLOCK_MONOTONIC` reading was taken after `base_instant`. So this only skips a
-            // readiness left from an earlier deadline.
+            // The timer cannot fire before `deadline`, because the base `CLOCK_MONOTONIC`
+            // reading was taken after `base_instant`, so `clock` is at or after `deadline`.
+            // This check only skips a readiness left from an earlier deadline.
             if Instant::now() >= deadline {
                 return Ok(());
             }
