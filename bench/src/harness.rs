@@ -83,6 +83,8 @@ pub struct Options {
     /// Requests per second of the fixed-rate scenario; by default half of nginx's median
     /// closed-loop HTTP/1.1 rate.
     pub fixed_rate: Option<f64>,
+    /// Shortest time between two wake-ups of the open-loop pacer.
+    pub pacer_resolution: Duration,
     pub proxies: Vec<ProxyKind>,
     pub edge_bin: PathBuf,
     pub out: PathBuf,
@@ -277,6 +279,7 @@ fn run_in(options: &Options, dir: &Path, interrupted: &Arc<AtomicBool>) -> anyho
         fixed_rate_per_s: 0.0,
         fixed_rate_basis: String::new(),
         fixed_rate_from: None,
+        pacer_resolution_us: Some(options.pacer_resolution.as_micros() as u64),
         scenarios: options.scenarios.clone(),
         request_timeout_s: options.request_timeout.as_secs_f64(),
         workers,
@@ -628,6 +631,7 @@ impl Session<'_> {
             warmup: options.warmup(),
             duration: options.duration(),
             request_timeout: options.request_timeout,
+            pacer_resolution: options.pacer_resolution,
         };
         let pids = target
             .process

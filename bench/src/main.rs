@@ -1,7 +1,8 @@
 //! The load harness that measures edge against nginx, HAProxy, Traefik and Caddy on loopback
 //! (`bench run`), and its parts on their own: the load generator (`bench load`) and the static
 //! backend (`bench backend`).
-#![forbid(unsafe_code)]
+// Only the open-loop pacer allows unsafe code, to register its timerfd with tokio.
+#![deny(unsafe_code)]
 
 mod backend;
 mod harness;
@@ -109,6 +110,11 @@ struct RunArgs {
     /// closed-loop HTTP/1.1 rate in the same run].
     #[arg(long)]
     fixed_rate: Option<f64>,
+    /// Shortest time between two wake-ups of the open-loop pacer, for example `100us`.
+    /// Requests that fall due in between leave together. `0s` releases each request at its
+    /// own due time, at a higher client CPU cost.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pacer_resolution: Duration,
     /// Proxies to measure, comma-separated.
     #[arg(
         long,
@@ -184,6 +190,11 @@ struct LoadArgs {
     /// Time allowed for connect, handshake and response of one request.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// With `--mode open`: shortest time between two wake-ups of the pacer, for example
+    /// `100us`. Requests that fall due in between leave together. `0s` releases each request
+    /// at its own due time, at a higher client CPU cost.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pacer_resolution: Duration,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -228,6 +239,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         h3_streams: args.h3_streams,
         scenarios: args.scenarios,
         fixed_rate: args.fixed_rate,
+        pacer_resolution: args.pacer_resolution,
         proxies: args.proxies,
         edge_bin: args.edge_bin,
         out: args.out,
@@ -270,6 +282,7 @@ fn load(args: &LoadArgs) -> anyhow::Result<()> {
         warmup: args.warmup,
         duration: args.duration,
         request_timeout: args.timeout,
+        pacer_resolution: args.pacer_resolution,
     };
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())

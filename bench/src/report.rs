@@ -216,12 +216,15 @@ fn render_fixed_rate(out: &mut String, results: &RunResults) {
         "Rate: {}. Latency is corrected for coordinated omission: each connection is replayed \
          as if every request had left at its due time, or when the previous response was \
          complete, and had taken the time the target actually needed. So a slow response \
-         delays the requests queued behind it, while the load generator's own timer lag (its \
-         timer has millisecond resolution) is not charged to the target. `uncorrected p99` counts \
-         from the actual send. `added p99` is the target's p99 minus the direct path's p99. \
-         `send lag` is how late requests actually left; far above 1 ms, the connections fell \
-         behind the schedule. `errors` include requests still unsent at the end.\n",
-        settings.fixed_rate_basis
+         delays the requests queued behind it, while the load generator's own lag is not \
+         charged to the target. {} `uncorrected p99` counts from the actual send. `added p99` \
+         is the target's p99 minus the direct path's p99. `send lag` is how late requests \
+         actually left. Far above 1 ms, the connections fell behind the schedule. `client CPU \
+         busy` is the share of the client CPUs that the load generator and the backend used. \
+         Near 100 %, queueing on the client adds to every latency. `errors` include requests \
+         still unsent at the end.\n",
+        settings.fixed_rate_basis,
+        pacing_sentence(settings.pacer_resolution_us, settings.fixed_rate_per_s)
     );
     let direct_p99 = results
         .aggregate(Scenario::FixedRate, DIRECT)
@@ -247,6 +250,7 @@ fn render_fixed_rate(out: &mut String, results: &RunResults) {
             optional_spread(agg.uncorrected_p99_us, 0),
             optional_spread(agg.send_lag_p99_us, 0),
             optional_spread(agg.cpu_us_per_request, 1),
+            percent_cell(agg.client_cpu_busy),
             error_total(&agg).to_string(),
         ]);
     }
@@ -267,11 +271,33 @@ fn render_fixed_rate(out: &mut String, results: &RunResults) {
             "uncorrected p99 µs",
             "send lag p99 µs",
             "proxy CPU µs/request",
+            "client CPU busy",
             "errors",
         ],
         &rows,
     ));
     out.push('\n');
+}
+
+/// Describes how the load generator spaced the requests of the fixed-rate scenario.
+fn pacing_sentence(resolution_us: Option<u64>, rate_per_s: f64) -> String {
+    let Some(us) = resolution_us else {
+        return "The load generator's timer had millisecond resolution, so requests left in \
+                bursts at millisecond ticks."
+            .to_owned();
+    };
+    let group = rate_per_s * us as f64 / 1e6;
+    if group > 1.0 {
+        format!(
+            "The load generator's pacer wakes at most every {us} µs (`--pacer-resolution`) and \
+             then releases every request that is due, so requests leave in groups of about \
+             {group:.1}."
+        )
+    } else {
+        "The load generator releases each request at its due time with a timerfd, so requests \
+         leave spread out, not in bursts."
+            .to_owned()
+    }
 }
 
 fn render_memory(out: &mut String, results: &RunResults) {
@@ -848,6 +874,7 @@ mod tests {
                 fixed_rate_per_s: 1000.0,
                 fixed_rate_basis: "set with --fixed-rate".to_owned(),
                 fixed_rate_from: None,
+                pacer_resolution_us: Some(0),
                 scenarios: Vec::new(),
                 request_timeout_s: 2.0,
                 workers: 1,
@@ -1245,5 +1272,16 @@ mod tests {
     #[test]
     fn capitalize_first_letter_only() {
         assert_eq!(capitalize("new TLS connection"), "New TLS connection");
+    }
+
+    #[test]
+    fn pacing_sentence_names_the_timer() {
+        assert!(pacing_sentence(None, 30_000.0).contains("millisecond resolution"));
+        assert!(pacing_sentence(Some(0), 30_000.0).contains("at its due time"));
+        // 100 µs at 1,000 requests/s is shorter than the 1 ms between requests.
+        assert!(pacing_sentence(Some(100), 1000.0).contains("at its due time"));
+        let grouped = pacing_sentence(Some(100), 30_000.0);
+        assert!(grouped.contains("every 100 µs"), "{grouped}");
+        assert!(grouped.contains("groups of about 3.0"), "{grouped}");
     }
 }

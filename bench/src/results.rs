@@ -121,6 +121,10 @@ pub struct Settings {
     /// `None` when the rate was set by hand or no closed-loop rate was measured.
     #[serde(default)]
     pub fixed_rate_from: Option<String>,
+    /// Shortest time between two wake-ups of the open-loop pacer, in microseconds. It is
+    /// `None` in results from before the pacer, whose timer had millisecond resolution.
+    #[serde(default)]
+    pub pacer_resolution_us: Option<u64>,
     /// Scenarios selected with `--scenarios`; empty when every scenario ran.
     #[serde(default)]
     pub scenarios: Vec<Scenario>,
