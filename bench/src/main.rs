@@ -78,29 +78,8 @@ struct RunArgs {
     /// Length of each measured window, for example `6s`.
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
-    /// Connections of the closed-loop keep-alive scenarios.
-    #[arg(long, default_value_t = 32)]
-    connections: usize,
-    /// Concurrent connections of the new-TLS-connection-per-request scenario.
-    #[arg(long, default_value_t = 8)]
-    handshake_connections: usize,
-    /// Connections of the fixed-rate (open-loop) scenario.
-    #[arg(long, default_value_t = 64)]
-    fixed_rate_connections: usize,
-    /// Connections of the HTTPS HTTP/2 scenario.
-    #[arg(long, default_value_t = 4)]
-    h2_connections: usize,
-    /// Concurrent streams on each connection of the HTTPS HTTP/2 scenario. HAProxy allows
-    /// 100 by default (2.6) and nginx 128 (1.22).
-    #[arg(long, default_value_t = 16)]
-    h2_streams: usize,
-    /// QUIC connections of the HTTP/3 scenario.
-    #[arg(long, default_value_t = 4)]
-    h3_connections: usize,
-    /// Concurrent request streams on each connection of the HTTP/3 scenario, as many as in
-    /// the HTTP/2 scenario by default.
-    #[arg(long, default_value_t = 16)]
-    h3_streams: usize,
+    #[command(flatten)]
+    load: harness::LoadSettings,
     /// Scenarios to measure, comma-separated [default: all]. The fixed rate is half of nginx's
     /// closed-loop rate only when keep-alive runs too.
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -126,9 +105,6 @@ struct RunArgs {
     /// Command line to record in the results [default: this program's arguments].
     #[arg(long)]
     command: Option<String>,
-    /// Time allowed for connect, handshake and response of one request.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-    request_timeout: Duration,
     /// Keep the temporary folder with configurations and proxy logs.
     #[arg(long)]
     keep_run_dir: bool,
@@ -219,20 +195,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         rounds: args.rounds,
         warmup: args.warmup,
         duration: args.duration,
-        connections: args.connections,
-        handshake_connections: args.handshake_connections,
-        fixed_rate_connections: args.fixed_rate_connections,
-        h2_connections: args.h2_connections,
-        h2_streams: args.h2_streams,
-        h3_connections: args.h3_connections,
-        h3_streams: args.h3_streams,
+        load: args.load,
         scenarios: args.scenarios,
         fixed_rate: args.fixed_rate,
         proxies: args.proxies,
         edge_bin: args.edge_bin,
         out: args.out,
         command,
-        request_timeout: args.request_timeout,
         keep_run_dir: args.keep_run_dir,
         idle_connections: args.idle_connections,
     };
