@@ -241,9 +241,10 @@ fn run_in(
         perf_record: recording.command,
         perf_version: perf_version.to_owned(),
         warmup_s: options.warmup.as_secs_f64(),
-        recorded_s: recording.wall.as_secs_f64(),
+        window_s: options.duration.as_secs_f64(),
+        perf_run_s: recording.wall.as_secs_f64(),
         frequency_hz: options.frequency_hz,
-        proxy_cpu_s: Some(recording.proxy_cpu.as_secs_f64()),
+        proxy_cpu_s: recording.proxy_cpu.as_secs_f64(),
         flame_graph_file: format!("{base}.svg"),
         folded_file: format!("{base}.folded.gz"),
     };
@@ -294,7 +295,7 @@ fn write_results(
         info.load,
         thousands(folded.total_samples() as f64),
         info.frequency_hz,
-        info.recorded_s,
+        info.window_s,
         thousands(info.requests_per_s),
         info.started_utc
     );

@@ -312,11 +312,14 @@ pub struct ProfileInfo {
     pub perf_record: String,
     pub perf_version: String,
     pub warmup_s: f64,
-    /// Time perf recorded, from its start to its exit.
-    pub recorded_s: f64,
+    /// Length of the recording window, the `sleep` that perf runs.
+    pub window_s: f64,
+    /// Time from the start of perf to its exit: the window plus attaching to the processes
+    /// and finishing the file.
+    pub perf_run_s: f64,
     pub frequency_hz: u32,
-    /// CPU time of the proxy's processes while perf recorded, from `/proc`.
-    pub proxy_cpu_s: Option<f64>,
+    /// CPU time of the proxy's processes from the start of perf to its exit, from `/proc`.
+    pub proxy_cpu_s: f64,
     pub flame_graph_file: String,
     pub folded_file: String,
 }
@@ -343,21 +346,18 @@ pub fn render_markdown(info: &ProfileInfo, stacks: &FoldedStacks) -> String {
     );
     let _ = writeln!(
         md,
-        "| sampling | `{}` ({}), {:.1} s after {:.1} s of warm-up |",
-        info.perf_record, info.perf_version, info.recorded_s, info.warmup_s
+        "| sampling | `{}` ({}), started after {:.1} s of warm-up |",
+        info.perf_record, info.perf_version, info.warmup_s
     );
-    let expected = info
-        .proxy_cpu_s
-        .map(|cpu_s| {
-            format!(
-                "; the proxy used {cpu_s:.2} s of CPU time meanwhile (`/proc`), which at {} Hz \
-                 would give about {} samples",
-                info.frequency_hz,
-                thousands(cpu_s * f64::from(info.frequency_hz))
-            )
-        })
-        .unwrap_or_default();
-    let _ = writeln!(md, "| samples | {}{expected} |", thousands(total as f64));
+    let _ = writeln!(
+        md,
+        "| samples | {} in the {:.1} s window; perf ran {:.1} s with attaching and finishing, \
+         while the proxy used {:.2} s of CPU time (`/proc`) |",
+        thousands(total as f64),
+        info.window_s,
+        info.perf_run_s,
+        info.proxy_cpu_s
+    );
     let _ = writeln!(md, "| host | {} |", info.host);
     let _ = writeln!(md, "| pinning | {} |\n", info.pinning);
     let _ = writeln!(
@@ -690,9 +690,10 @@ mod tests {
             perf_record: "perf record".to_owned(),
             perf_version: "perf version 6.1".to_owned(),
             warmup_s: 2.0,
-            recorded_s: 8.0,
+            window_s: 6.0,
+            perf_run_s: 7.2,
             frequency_hz: 999,
-            proxy_cpu_s: Some(8.0),
+            proxy_cpu_s: 6.9,
             flame_graph_file: "p.svg".to_owned(),
             folded_file: "p.folded".to_owned(),
         };
@@ -711,7 +712,10 @@ mod tests {
             md.contains("7.7 % of the samples (1) have a user stack"),
             "{md}"
         );
-        assert!(md.contains("would give about 7,992 samples"), "{md}");
+        assert!(
+            md.contains("| samples | 13 in the 6.0 s window; perf ran 7.2 s"),
+            "{md}"
+        );
     }
 
     #[test]
