@@ -71,8 +71,8 @@ pub struct NamedPath {
     /// Frames a stack must contain, one matcher per step, each step called from the one
     /// before it (closer to the thread's start). One step means "contains a frame matching".
     pub steps: &'static [Matcher],
-    /// Whether only samples taken in user space count. The kernel work under TLS code is
-    /// mostly the system call that writes the records: OpenSSL's `BIO_write` sits in
+    /// Whether only samples taken in user space count. Kernel work under TLS frames is
+    /// mostly the system call that writes the records, because OpenSSL's `BIO_write` sits in
     /// libcrypto, whose frames are `[libcrypto.so.3]` without debug symbols, like its AES code.
     pub user_space_only: bool,
 }
