@@ -47,9 +47,9 @@ const PERF_INSTALL_HINT: &str = "install it with `apt-get install linux-perf` (D
 const MAX_STACK_BYTES: u32 = 65_528;
 
 /// Load added after the recording window. perf starts its `sleep` only after it has attached
-/// to the processes, so the recording ends a little after the window, and the load must still
-/// run then.
-const LOAD_TAIL: Duration = Duration::from_secs(1);
+/// to the processes, so the recording ends after the window (perf ran 7.2 s for a 6 s sleep
+/// of the edge), and the load must still run then, not close its connections.
+const LOAD_TAIL: Duration = Duration::from_secs(2);
 
 /// Time between two checks of whether perf has exited or Ctrl-C was pressed.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);

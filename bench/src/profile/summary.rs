@@ -300,7 +300,7 @@ pub struct ProfileInfo {
     pub load: String,
     pub requests_per_s: f64,
     /// Time over which the load generator measured `requests_per_s`: from the end of the
-    /// warm-up to the end of the load, which runs a little longer than perf records.
+    /// warm-up to the end of the load, which runs longer than perf records.
     pub load_measured_s: f64,
     pub load_errors: u64,
     pub started_utc: String,
