@@ -23,14 +23,15 @@ use nix::{
 };
 
 use crate::{
-    backend,
+    backend::{self, Backend},
     load::{self, LoadConfig, Mode, Protocol},
     process::ChildProcess,
     procfs::{self, ClockTicks},
     proxies::{self, Common, Ports, ProxyKind, ROUTE_HOST},
     report::{self, PlotFiles, Timestamp},
     results::{Cell, HostInfo, IdleTlsMemory, RunResults, Scenario, Settings, TargetInfo, DIRECT},
-    svg, tls,
+    svg,
+    tls::{self, CertFiles},
 };
 
 /// Time a proxy gets to serve its first request after start.
@@ -67,30 +68,17 @@ pub struct Options {
     pub rounds: Option<usize>,
     pub warmup: Option<Duration>,
     pub duration: Option<Duration>,
-    pub connections: usize,
-    pub handshake_connections: usize,
-    pub fixed_rate_connections: usize,
-    /// Connections of the HTTP/2 scenario.
-    pub h2_connections: usize,
-    /// Concurrent streams on each HTTP/2 connection.
-    pub h2_streams: usize,
-    /// Connections of the HTTP/3 scenario.
-    pub h3_connections: usize,
-    /// Concurrent streams on each HTTP/3 connection.
-    pub h3_streams: usize,
+    pub load: LoadSettings,
     /// Scenarios to measure; every one when empty.
     pub scenarios: Vec<Scenario>,
     /// Requests per second of the fixed-rate scenario; by default half of nginx's median
     /// closed-loop HTTP/1.1 rate.
     pub fixed_rate: Option<f64>,
-    /// Shortest time between two wake-ups of the open-loop pacer.
-    pub pacer_resolution: Duration,
     pub proxies: Vec<ProxyKind>,
     pub edge_bin: PathBuf,
     pub out: PathBuf,
     /// The command line recorded in the results.
     pub command: String,
-    pub request_timeout: Duration,
     pub keep_run_dir: bool,
     /// Idle keep-alive TLS connections opened to each proxy to measure their memory; 0 skips
     /// the measurement.
@@ -133,6 +121,90 @@ impl Options {
     }
 }
 
+/// Connections and streams of each scenario's load, shared by `bench run` and `bench profile`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadSettings {
+    /// Connections of the closed-loop keep-alive scenarios.
+    #[arg(long, default_value_t = 32)]
+    pub connections: usize,
+    /// Concurrent connections of the new-TLS-connection-per-request scenario.
+    #[arg(long, default_value_t = 8)]
+    pub handshake_connections: usize,
+    /// Connections of the fixed-rate (open-loop) scenario.
+    #[arg(long, default_value_t = 64)]
+    pub fixed_rate_connections: usize,
+    /// Connections of the HTTPS HTTP/2 scenario.
+    #[arg(long, default_value_t = 4)]
+    pub h2_connections: usize,
+    /// Concurrent streams on each connection of the HTTPS HTTP/2 scenario. HAProxy allows
+    /// 100 by default (2.6) and nginx 128 (1.22).
+    #[arg(long, default_value_t = 16)]
+    pub h2_streams: usize,
+    /// QUIC connections of the HTTP/3 scenario.
+    #[arg(long, default_value_t = 4)]
+    pub h3_connections: usize,
+    /// Concurrent request streams on each connection of the HTTP/3 scenario, as many as in
+    /// the HTTP/2 scenario by default.
+    #[arg(long, default_value_t = 16)]
+    pub h3_streams: usize,
+    /// Time allowed for connect, handshake and response of one request.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// Shortest time between two wake-ups of the open-loop pacer, for example `100us`.
+    /// Requests that fall due in between leave together. `0s` releases each request at its
+    /// own due time, at a higher client CPU cost.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub pacer_resolution: Duration,
+}
+
+impl LoadSettings {
+    /// Builds the load of `scenario` against `target`, spread over `threads` threads.
+    /// `rate` is the total request rate of the fixed-rate scenario; the others ignore it.
+    pub fn config(
+        &self,
+        scenario: Scenario,
+        target: SocketAddr,
+        rate: Option<f64>,
+        threads: usize,
+        warmup: Duration,
+        duration: Duration,
+    ) -> LoadConfig {
+        let mut streams = 1;
+        let (mode, connections) = match scenario {
+            Scenario::KeepAlive | Scenario::TlsKeepAlive => (Mode::Closed, self.connections),
+            Scenario::TlsHttp2 => {
+                streams = self.h2_streams;
+                (Mode::Closed, self.h2_connections)
+            }
+            Scenario::Http3 => {
+                streams = self.h3_streams;
+                (Mode::Closed, self.h3_connections)
+            }
+            Scenario::TlsHandshake => (Mode::NewConnection, self.handshake_connections),
+            Scenario::FixedRate => (
+                Mode::Open {
+                    rate_per_s: rate.unwrap_or(1000.0),
+                },
+                self.fixed_rate_connections,
+            ),
+        };
+        LoadConfig {
+            target,
+            host: ROUTE_HOST.to_owned(),
+            path: "/".to_owned(),
+            protocol: scenario.protocol(),
+            mode,
+            connections,
+            streams,
+            threads,
+            warmup,
+            duration,
+            request_timeout: self.request_timeout,
+            pacer_resolution: self.pacer_resolution,
+        }
+    }
+}
+
 /// CPUs for the proxies and for the load generator with the backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CpuPlan {
@@ -168,6 +240,97 @@ fn cpu_list(cpus: &[usize]) -> String {
         .join(",")
 }
 
+/// The set-up every measurement shares: the split of the CPUs, the bench certificate, and
+/// the backend, whose threads run on the client CPUs.
+pub struct Testbed {
+    /// Number of CPUs this process may use.
+    pub cpus: usize,
+    pub plan: Option<CpuPlan>,
+    /// Placement of proxies, load generator and backend, as recorded in the results.
+    pub pinning: String,
+    /// Workers of each proxy: one per proxy CPU.
+    pub workers: usize,
+    /// CPUs of the load generator and the backend.
+    pub client_cpus: usize,
+    pub cert: CertFiles,
+    pub backend: Backend,
+}
+
+impl Testbed {
+    /// Pins the calling thread to the client CPUs, so that the load generator and backend
+    /// threads started later inherit them, writes the bench certificate into `dir` and starts
+    /// the backend.
+    ///
+    /// # Errors
+    /// Fails when the affinity cannot be read or set, or the certificate or backend cannot be
+    /// set up.
+    pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        let allowed = allowed_cpus()?;
+        let plan = CpuPlan::split(&allowed);
+        let workers = plan.as_ref().map_or(1, |p| p.proxy.len());
+        let client_cpus = plan.as_ref().map_or(allowed.len(), |p| p.client.len());
+        if let Some(plan) = &plan {
+            pin_current_thread(&plan.client)?;
+        }
+        let pinning = match &plan {
+            Some(plan) => format!(
+                "proxies on CPU {} ({} worker{} each, taskset), load generator and backend on CPU {} \
+                 (sched_setaffinity of the harness process)",
+                cpu_list(&plan.proxy),
+                workers,
+                if workers == 1 { "" } else { "s" },
+                cpu_list(&plan.client)
+            ),
+            None => "not pinned: only one CPU is available, so proxies, load generator and \
+                     backend share it"
+                .to_owned(),
+        };
+        eprintln!("bench: {pinning}");
+
+        let cert = tls::write_self_signed(dir, &[ROUTE_HOST, "localhost"])?;
+        let backend = backend::spawn("127.0.0.1:0".parse()?, client_cpus)?;
+        eprintln!("bench: backend listening on {}", backend.addr);
+        Ok(Self {
+            cpus: allowed.len(),
+            plan,
+            pinning,
+            workers,
+            client_cpus,
+            cert,
+            backend,
+        })
+    }
+
+    /// Returns the settings every proxy configuration shares, with files under `dir`.
+    pub fn common<'a>(&'a self, dir: &'a Path) -> Common<'a> {
+        Common {
+            dir,
+            backend: self.backend.addr,
+            cert: &self.cert,
+            workers: self.workers,
+            edge_pins_workers: self.plan.as_ref().is_none_or(CpuPlan::proxy_cpus_from_zero),
+        }
+    }
+
+    /// Returns the proxy CPUs in `taskset -c` form, or `None` when nothing is pinned.
+    pub fn proxy_cpu_list(&self) -> Option<String> {
+        self.plan.as_ref().map(|p| cpu_list(&p.proxy))
+    }
+}
+
+/// Returns a flag that turns true on SIGINT (Ctrl-C) or SIGTERM.
+///
+/// # Errors
+/// Fails when a signal handler cannot be installed.
+pub fn interrupt_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, interrupted.clone())
+            .context("installing the Ctrl-C handler")?;
+    }
+    Ok(interrupted)
+}
+
 /// Runs the whole benchmark and returns the path of `latest.md`.
 ///
 /// # Errors
@@ -175,11 +338,7 @@ fn cpu_list(cpus: &[usize]) -> String {
 /// results file cannot be written, and with [`Interrupted`] after Ctrl-C. A proxy that
 /// cannot be found or does not start is skipped and reported, not an error.
 pub fn run(options: &Options) -> anyhow::Result<PathBuf> {
-    let interrupted = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, interrupted.clone())
-            .context("installing the Ctrl-C handler")?;
-    }
+    let interrupted = interrupt_flag()?;
     let run_dir = RunDir::create(options.keep_run_dir)?;
     let result = run_in(options, &run_dir.path, &interrupted);
     // The logs explain a failure, but Ctrl-C is no failure, so they go then.
@@ -192,40 +351,9 @@ pub fn run(options: &Options) -> anyhow::Result<PathBuf> {
 fn run_in(options: &Options, dir: &Path, interrupted: &Arc<AtomicBool>) -> anyhow::Result<PathBuf> {
     let started = Instant::now();
     let stamp = Timestamp::now();
-    let allowed = allowed_cpus()?;
-    let plan = CpuPlan::split(&allowed);
-    let workers = plan.as_ref().map_or(1, |p| p.proxy.len());
-    let client_cpus = plan.as_ref().map_or(allowed.len(), |p| p.client.len());
-    if let Some(plan) = &plan {
-        pin_current_thread(&plan.client)?;
-    }
-    let pinning = match &plan {
-        Some(plan) => format!(
-            "proxies on CPU {} ({} worker{} each, taskset), load generator and backend on CPU {} \
-             (sched_setaffinity of the harness process)",
-            cpu_list(&plan.proxy),
-            workers,
-            if workers == 1 { "" } else { "s" },
-            cpu_list(&plan.client)
-        ),
-        None => "not pinned: only one CPU is available, so proxies, load generator and backend \
-                 share it"
-            .to_owned(),
-    };
-    eprintln!("bench: {pinning}");
-
-    let cert = tls::write_self_signed(dir, &[ROUTE_HOST, "localhost"])?;
-    let backend = backend::spawn("127.0.0.1:0".parse()?, client_cpus)?;
-    eprintln!("bench: backend listening on {}", backend.addr);
-
-    let common = Common {
-        dir,
-        backend: backend.addr,
-        cert: &cert,
-        workers,
-        edge_pins_workers: plan.as_ref().is_none_or(CpuPlan::proxy_cpus_from_zero),
-    };
-    let proxy_cpus = plan.as_ref().map(|p| cpu_list(&p.proxy));
+    let testbed = Testbed::start(dir)?;
+    let common = testbed.common(dir);
+    let proxy_cpus = testbed.proxy_cpu_list();
     let mut targets = vec![Target {
         info: TargetInfo {
             name: DIRECT.to_owned(),
@@ -237,7 +365,7 @@ fn run_in(options: &Options, dir: &Path, interrupted: &Arc<AtomicBool>) -> anyho
             h3_skipped: None,
             idle_tls: None,
         },
-        http: backend.addr,
+        http: testbed.backend.addr,
         https: None,
         process: None,
     }];
@@ -245,7 +373,13 @@ fn run_in(options: &Options, dir: &Path, interrupted: &Arc<AtomicBool>) -> anyho
         if interrupted.load(Ordering::Relaxed) {
             return Err(Interrupted.into());
         }
-        targets.push(start_proxy(kind, options, &common, proxy_cpus.as_deref()));
+        targets.push(start_proxy(
+            kind,
+            &options.edge_bin,
+            options.selects(Scenario::Http3),
+            &common,
+            proxy_cpus.as_deref(),
+        ));
     }
     if targets.iter().all(|t| t.process.is_none()) {
         bail!("no proxy started; see the messages above");
@@ -269,27 +403,27 @@ fn run_in(options: &Options, dir: &Path, interrupted: &Arc<AtomicBool>) -> anyho
         rounds: options.rounds(),
         warmup_s: options.warmup().as_secs_f64(),
         duration_s: options.duration().as_secs_f64(),
-        connections: options.connections,
-        handshake_connections: options.handshake_connections,
-        fixed_rate_connections: options.fixed_rate_connections,
-        h2_connections: options.h2_connections,
-        h2_streams: options.h2_streams,
-        h3_connections: options.h3_connections,
-        h3_streams: options.h3_streams,
+        connections: options.load.connections,
+        handshake_connections: options.load.handshake_connections,
+        fixed_rate_connections: options.load.fixed_rate_connections,
+        h2_connections: options.load.h2_connections,
+        h2_streams: options.load.h2_streams,
+        h3_connections: options.load.h3_connections,
+        h3_streams: options.load.h3_streams,
         fixed_rate_per_s: 0.0,
         fixed_rate_basis: String::new(),
         fixed_rate_from: None,
-        pacer_resolution_us: Some(options.pacer_resolution.as_micros() as u64),
+        pacer_resolution_us: Some(options.load.pacer_resolution.as_micros() as u64),
         scenarios: options.scenarios.clone(),
-        request_timeout_s: options.request_timeout.as_secs_f64(),
-        workers,
+        request_timeout_s: options.load.request_timeout.as_secs_f64(),
+        workers: testbed.workers,
     };
     let mut session = Session {
         options,
         interrupted,
         ticks: ClockTicks::detect(),
-        proxy_cpus: workers,
-        client_cpus,
+        proxy_cpus: testbed.workers,
+        client_cpus: testbed.client_cpus,
         progress: Progress::new(total_cells(&targets, options, options.rounds())),
         cells: Vec::new(),
     };
@@ -333,7 +467,7 @@ fn run_in(options: &Options, dir: &Path, interrupted: &Arc<AtomicBool>) -> anyho
         started_utc: stamp.iso.clone(),
         command: options.command.clone(),
         wall_time_s: started.elapsed().as_secs_f64(),
-        host: host_info(allowed.len(), pinning),
+        host: host_info(testbed.cpus, testbed.pinning.clone()),
         settings: Settings {
             fixed_rate_per_s: fixed.rate_per_s,
             fixed_rate_basis: fixed.basis,
@@ -347,15 +481,16 @@ fn run_in(options: &Options, dir: &Path, interrupted: &Arc<AtomicBool>) -> anyho
 }
 
 /// A target of the measurements: a proxy, or the backend itself.
-struct Target {
-    info: TargetInfo,
-    http: SocketAddr,
-    https: Option<SocketAddr>,
-    process: Option<ChildProcess>,
+pub struct Target {
+    pub info: TargetInfo,
+    pub http: SocketAddr,
+    pub https: Option<SocketAddr>,
+    pub process: Option<ChildProcess>,
 }
 
 impl Target {
-    fn runs(&self, scenario: Scenario) -> bool {
+    /// Returns whether the target can be measured in `scenario`.
+    pub fn runs(&self, scenario: Scenario) -> bool {
         let protocol_skipped = match scenario.protocol() {
             Protocol::Http2 => self.info.h2_skipped.is_some(),
             Protocol::Http3 => self.info.h3_skipped.is_some(),
@@ -367,7 +502,8 @@ impl Target {
         scenario.protocol() == Protocol::Http1 || self.https.is_some()
     }
 
-    fn addr(&self, scenario: Scenario) -> SocketAddr {
+    /// Returns the address the load of `scenario` goes to.
+    pub fn addr(&self, scenario: Scenario) -> SocketAddr {
         match scenario.protocol() {
             Protocol::Http1 => self.http,
             _ => self.https.unwrap_or(self.http),
@@ -391,9 +527,13 @@ fn total_cells(targets: &[Target], options: &Options, rounds: usize) -> usize {
     per_round * rounds
 }
 
-fn start_proxy(
+/// Starts `kind` pinned to `cpus` and waits until it serves the route. The edge runs from
+/// `edge_bin`. With `probe_http3`, a proxy that does not respond to an HTTP/3 request skips
+/// that scenario. A proxy that cannot start is returned with the reason in `info.skipped`.
+pub fn start_proxy(
     kind: ProxyKind,
-    options: &Options,
+    edge_bin: &Path,
+    probe_http3: bool,
     common: &Common<'_>,
     cpus: Option<&str>,
 ) -> Target {
@@ -412,7 +552,7 @@ fn start_proxy(
         https: None,
         process: None,
     };
-    match try_start_proxy(kind, options, common, cpus, &mut target) {
+    match try_start_proxy(kind, edge_bin, probe_http3, common, cpus, &mut target) {
         Ok(()) => eprintln!("bench: {kind} {} ready", target.info.version),
         Err(e) => {
             eprintln!("bench: skipping {kind}: {e:#}");
@@ -427,12 +567,13 @@ fn start_proxy(
 
 fn try_start_proxy(
     kind: ProxyKind,
-    options: &Options,
+    edge_bin: &Path,
+    probe_http3: bool,
     common: &Common<'_>,
     cpus: Option<&str>,
     target: &mut Target,
 ) -> anyhow::Result<()> {
-    let program = proxies::locate(kind, &options.edge_bin)?;
+    let program = proxies::locate(kind, edge_bin)?;
     target.info.program = program.display().to_string();
     target.info.version = proxies::version(kind, &program);
     if kind == ProxyKind::Edge {
@@ -466,7 +607,7 @@ fn try_start_proxy(
             eprintln!("bench: {kind} skips {}: {reason}", Scenario::TlsHttp2);
             target.info.h2_skipped = Some(reason);
         }
-        if options.selects(Scenario::Http3) {
+        if probe_http3 {
             let support = match kind.http3_unsupported() {
                 Some(reason) => Err(reason.to_owned()),
                 None => probe_h3(https),
@@ -600,39 +741,14 @@ impl Session<'_> {
         let options = self.options;
         self.progress
             .begin(round, options.rounds(), scenario, &target.info.name);
-        let mut streams = 1;
-        let (mode, connections) = match scenario {
-            Scenario::KeepAlive | Scenario::TlsKeepAlive => (Mode::Closed, options.connections),
-            Scenario::TlsHttp2 => {
-                streams = options.h2_streams;
-                (Mode::Closed, options.h2_connections)
-            }
-            Scenario::Http3 => {
-                streams = options.h3_streams;
-                (Mode::Closed, options.h3_connections)
-            }
-            Scenario::TlsHandshake => (Mode::NewConnection, options.handshake_connections),
-            Scenario::FixedRate => (
-                Mode::Open {
-                    rate_per_s: rate.unwrap_or(1000.0),
-                },
-                options.fixed_rate_connections,
-            ),
-        };
-        let config = LoadConfig {
-            target: target.addr(scenario),
-            host: ROUTE_HOST.to_owned(),
-            path: "/".to_owned(),
-            protocol: scenario.protocol(),
-            mode,
-            connections,
-            streams,
-            threads: self.client_cpus,
-            warmup: options.warmup(),
-            duration: options.duration(),
-            request_timeout: options.request_timeout,
-            pacer_resolution: options.pacer_resolution,
-        };
+        let config = options.load.config(
+            scenario,
+            target.addr(scenario),
+            rate,
+            self.client_cpus,
+            options.warmup(),
+            options.duration(),
+        );
         let pids = target
             .process
             .as_ref()
@@ -719,7 +835,7 @@ fn measure_idle_tls(
         Protocol::Http1Tls,
         count,
         IDLE_OPEN_CONCURRENCY,
-        options.request_timeout,
+        options.load.request_timeout,
     ) {
         Ok(held) => held,
         Err(e) => {
@@ -803,7 +919,8 @@ fn fixed_rate(options: &Options, cells: &[Cell]) -> FixedRate {
     }
 }
 
-fn sleep_checked(duration: Duration, interrupted: &AtomicBool) -> anyhow::Result<()> {
+/// Sleeps for `duration`, and fails with [`Interrupted`] when `interrupted` is set.
+pub fn sleep_checked(duration: Duration, interrupted: &AtomicBool) -> anyhow::Result<()> {
     sleep_until_checked(Instant::now() + duration, interrupted);
     if interrupted.load(Ordering::Relaxed) {
         return Err(Interrupted.into());
@@ -812,7 +929,7 @@ fn sleep_checked(duration: Duration, interrupted: &AtomicBool) -> anyhow::Result
 }
 
 /// Sleeps until `deadline` or until `interrupted` is set, whichever comes first.
-fn sleep_until_checked(deadline: Instant, interrupted: &AtomicBool) {
+pub fn sleep_until_checked(deadline: Instant, interrupted: &AtomicBool) {
     loop {
         let now = Instant::now();
         if now >= deadline || interrupted.load(Ordering::Relaxed) {
@@ -840,7 +957,9 @@ fn pin_current_thread(cpus: &[usize]) -> anyhow::Result<()> {
         .with_context(|| format!("pinning the load generator to CPUs {}", cpu_list(cpus)))
 }
 
-fn host_info(cpus: usize, pinning: String) -> HostInfo {
+/// Describes the machine: host name, CPU model, kernel and OS, with the CPU count and pinning
+/// given.
+pub fn host_info(cpus: usize, pinning: String) -> HostInfo {
     let read = |path: &str| {
         std::fs::read_to_string(path)
             .map(|s| s.trim().to_owned())
@@ -902,13 +1021,17 @@ fn write_outputs(results: &RunResults, out: &Path, stamp: &Timestamp) -> anyhow:
 
 /// The temporary folder with certificates, configurations and proxy logs. It is removed at the
 /// end unless kept for inspection.
-struct RunDir {
-    path: PathBuf,
+pub struct RunDir {
+    pub path: PathBuf,
     keep: std::cell::Cell<bool>,
 }
 
 impl RunDir {
-    fn create(keep: bool) -> anyhow::Result<Self> {
+    /// Creates the folder under the system's temporary folder.
+    ///
+    /// # Errors
+    /// Fails when the folder cannot be created.
+    pub fn create(keep: bool) -> anyhow::Result<Self> {
         let path = std::env::temp_dir().join(format!("edge-bench-{}", std::process::id()));
         std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(Self {
@@ -917,7 +1040,8 @@ impl RunDir {
         })
     }
 
-    fn keep(&self) {
+    /// Keeps the folder after the run, for example to read the logs after a failure.
+    pub fn keep(&self) {
         self.keep.set(true);
     }
 }

@@ -1,6 +1,7 @@
 //! The load harness that measures edge against nginx, HAProxy, Traefik and Caddy on loopback
-//! (`bench run`), and its parts on their own: the load generator (`bench load`) and the static
-//! backend (`bench backend`).
+//! (`bench run`), profiles one of them under load with perf (`bench profile`), and runs its
+//! parts on their own: the load generator (`bench load`) and the static backend
+//! (`bench backend`).
 // Only the open-loop pacer allows unsafe code, to register its timerfd with tokio.
 #![deny(unsafe_code)]
 
@@ -9,6 +10,7 @@ mod harness;
 mod load;
 mod process;
 mod procfs;
+mod profile;
 mod proxies;
 mod report;
 mod response;
@@ -51,6 +53,9 @@ enum Command {
     /// Start the backend and every proxy on 127.0.0.1, measure them interleaved over rounds,
     /// and write Markdown, JSON and SVG results.
     Run(RunArgs),
+    /// Record a CPU profile of one proxy under one scenario's load with perf, and write
+    /// collapsed stacks, a flame graph and a summary.
+    Profile(ProfileArgs),
     /// Send load to one address and print the report.
     Load(LoadArgs),
     /// Serve the static backend until Ctrl-C.
@@ -79,29 +84,8 @@ struct RunArgs {
     /// Length of each measured window, for example `6s`.
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
-    /// Connections of the closed-loop keep-alive scenarios.
-    #[arg(long, default_value_t = 32)]
-    connections: usize,
-    /// Concurrent connections of the new-TLS-connection-per-request scenario.
-    #[arg(long, default_value_t = 8)]
-    handshake_connections: usize,
-    /// Connections of the fixed-rate (open-loop) scenario.
-    #[arg(long, default_value_t = 64)]
-    fixed_rate_connections: usize,
-    /// Connections of the HTTPS HTTP/2 scenario.
-    #[arg(long, default_value_t = 4)]
-    h2_connections: usize,
-    /// Concurrent streams on each connection of the HTTPS HTTP/2 scenario. HAProxy allows
-    /// 100 by default (2.6) and nginx 128 (1.22).
-    #[arg(long, default_value_t = 16)]
-    h2_streams: usize,
-    /// QUIC connections of the HTTP/3 scenario.
-    #[arg(long, default_value_t = 4)]
-    h3_connections: usize,
-    /// Concurrent request streams on each connection of the HTTP/3 scenario, as many as in
-    /// the HTTP/2 scenario by default.
-    #[arg(long, default_value_t = 16)]
-    h3_streams: usize,
+    #[command(flatten)]
+    load: harness::LoadSettings,
     /// Scenarios to measure, comma-separated [default: all]. The fixed rate is half of nginx's
     /// closed-loop rate only when keep-alive runs too.
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -110,11 +94,6 @@ struct RunArgs {
     /// closed-loop HTTP/1.1 rate in the same run].
     #[arg(long)]
     fixed_rate: Option<f64>,
-    /// Shortest time between two wake-ups of the open-loop pacer, for example `100us`.
-    /// Requests that fall due in between leave together. `0s` releases each request at its
-    /// own due time, at a higher client CPU cost.
-    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
-    pacer_resolution: Duration,
     /// Proxies to measure, comma-separated.
     #[arg(
         long,
@@ -132,9 +111,6 @@ struct RunArgs {
     /// Command line to record in the results [default: this program's arguments].
     #[arg(long)]
     command: Option<String>,
-    /// Time allowed for connect, handshake and response of one request.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-    request_timeout: Duration,
     /// Keep the temporary folder with configurations and proxy logs.
     #[arg(long)]
     keep_run_dir: bool,
@@ -142,6 +118,55 @@ struct RunArgs {
     /// 0 skips it [default: 1000 with --quick, else 5000].
     #[arg(long)]
     idle_connections: Option<usize>,
+}
+
+#[derive(Debug, clap::Args)]
+struct ProfileArgs {
+    /// Proxy to profile.
+    #[arg(long, value_enum, default_value = "edge")]
+    proxy: ProxyKind,
+    /// Scenario whose load runs while perf records: keep-alive, tls-keep-alive,
+    /// tls-handshake, h2 or h3 (fixed-rate is not supported).
+    #[arg(long, value_enum, default_value = "keep-alive")]
+    scenario: Scenario,
+    /// Load before the recording starts, for example `2s`.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Length of the recording, for example `6s`. With the default frequency and stack size,
+    /// perf writes about 60 MB per second of recording into the temporary folder, and deletes
+    /// it after folding.
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Samples per second on each CPU (perf `-F`). 999 rather than 1000 keeps the sampling
+    /// out of step with timers that fire every millisecond.
+    #[arg(long, default_value_t = 999)]
+    frequency: u32,
+    /// Bytes of the sampled thread's stack that perf copies for DWARF unwinding: a multiple
+    /// of 8, at most 65528. Deeper user stacks end in an `[unknown]` frame. The edge's
+    /// HTTP/2 stacks need more than 32 KiB: with 32768, 31 % of its samples were cut short.
+    #[arg(long, default_value_t = 65528)]
+    stack_bytes: u32,
+    /// Skip resolving inlined functions in `perf script`. It is much faster, but the samples
+    /// of inlined code then count for the function it was inlined into.
+    #[arg(long)]
+    no_inline: bool,
+    /// The perf program.
+    #[arg(long, default_value = "perf")]
+    perf: PathBuf,
+    #[command(flatten)]
+    load: harness::LoadSettings,
+    /// The edge binary, built with `cargo build --release -p edge`.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/edge"))]
+    edge_bin: PathBuf,
+    /// Folder for the results.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
+    out: PathBuf,
+    /// Command line to record in the summary [default: this program's arguments].
+    #[arg(long)]
+    command: Option<String>,
+    /// Keep the temporary folder with configurations, proxy logs and perf logs.
+    #[arg(long)]
+    keep_run_dir: bool,
 }
 
 /// Pacing of `bench load`.
@@ -204,6 +229,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Profile(args) => profile(args),
         Command::Load(args) => load(&args),
         Command::Backend { addr, threads } => serve_backend(addr, threads),
     };
@@ -230,27 +256,45 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         rounds: args.rounds,
         warmup: args.warmup,
         duration: args.duration,
-        connections: args.connections,
-        handshake_connections: args.handshake_connections,
-        fixed_rate_connections: args.fixed_rate_connections,
-        h2_connections: args.h2_connections,
-        h2_streams: args.h2_streams,
-        h3_connections: args.h3_connections,
-        h3_streams: args.h3_streams,
+        load: args.load,
         scenarios: args.scenarios,
         fixed_rate: args.fixed_rate,
-        pacer_resolution: args.pacer_resolution,
         proxies: args.proxies,
         edge_bin: args.edge_bin,
         out: args.out,
         command,
-        request_timeout: args.request_timeout,
         keep_run_dir: args.keep_run_dir,
         idle_connections: args.idle_connections,
     };
     let latest = harness::run(&options)?;
     println!("{}", std::fs::read_to_string(&latest).unwrap_or_default());
     eprintln!("bench: results written to {}", latest.display());
+    Ok(())
+}
+
+fn profile(args: ProfileArgs) -> anyhow::Result<()> {
+    let command = args.command.unwrap_or_else(|| {
+        let argv: Vec<String> = std::env::args().collect();
+        argv.join(" ")
+    });
+    let options = profile::Options {
+        proxy: args.proxy,
+        scenario: args.scenario,
+        warmup: args.warmup,
+        duration: args.duration,
+        frequency_hz: args.frequency,
+        stack_bytes: args.stack_bytes,
+        inline: !args.no_inline,
+        perf: args.perf,
+        load: args.load,
+        edge_bin: args.edge_bin,
+        out: args.out,
+        command,
+        keep_run_dir: args.keep_run_dir,
+    };
+    let summary = profile::run(&options)?;
+    println!("{}", std::fs::read_to_string(&summary).unwrap_or_default());
+    eprintln!("bench: profile written to {}", summary.display());
     Ok(())
 }
 

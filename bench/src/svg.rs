@@ -374,7 +374,7 @@ fn nice_step(max: f64, ticks: usize) -> f64 {
 }
 
 /// Escapes text for SVG element content and attribute values.
-fn escape(text: &str) -> String {
+pub fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

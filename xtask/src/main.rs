@@ -1,6 +1,6 @@
 //! Project tasks: `cargo xtask test` (the full test suite, installing what it needs),
-//! `cargo xtask bench` (the benchmark harness), `cargo xtask run` and `cargo xtask tidy`
-//! (repository conventions).
+//! `cargo xtask bench` (the benchmark harness), `cargo xtask profile` (a CPU profile under
+//! the harness's load), `cargo xtask run` and `cargo xtask tidy` (repository conventions).
 #![forbid(unsafe_code)]
 
 mod bench;
@@ -47,8 +47,9 @@ fn main() -> ExitCode {
         "tidy" => tidy::check(&workspace_root()),
         "run" => run::run(&workspace_root()),
         "bench" => bench::bench(&workspace_root(), &task_args),
+        "profile" => bench::profile(&workspace_root(), &task_args),
         _ => {
-            eprintln!("usage: cargo xtask <test|tidy|run|bench>\n  test   install test dependencies, then run tidy, every test and clippy\n  tidy   check repository conventions\n  run    build and run the edge (demo routes) and the agent together\n  bench  install the proxies to compare, build in release mode and run the benchmark;\n         `--quick` for a smoke run; `target/release/bench run --help` lists the other options");
+            eprintln!("usage: cargo xtask <test|tidy|run|bench|profile>\n  test     install test dependencies, then run tidy, every test and clippy\n  tidy     check repository conventions\n  run      build and run the edge (demo routes) and the agent together\n  bench    install the proxies to compare, build in release mode and run the benchmark;\n           `--quick` for a smoke run; `target/release/bench run --help` lists the other options\n  profile  record a CPU profile with perf under one scenario's load and write a flame graph;\n           `--proxy nginx`, `--scenario h2`; `target/release/bench profile --help` lists the others");
             return ExitCode::from(2);
         }
     };
