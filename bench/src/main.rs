@@ -102,18 +102,8 @@ struct RunArgs {
         default_value = "edge,nginx,haproxy,traefik,caddy"
     )]
     proxies: Vec<ProxyKind>,
-    /// The edge binary, built with `cargo build --release -p edge`.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/edge"))]
-    edge_bin: PathBuf,
-    /// Folder for the results.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
-    out: PathBuf,
-    /// Command line to record in the results [default: this program's arguments].
-    #[arg(long)]
-    command: Option<String>,
-    /// Keep the temporary folder with configurations and proxy logs.
-    #[arg(long)]
-    keep_run_dir: bool,
+    #[command(flatten)]
+    output: OutputArgs,
     /// Idle keep-alive TLS connections opened to each proxy to measure memory per connection;
     /// 0 skips it [default: 1000 with --quick, else 5000].
     #[arg(long)]
@@ -155,18 +145,35 @@ struct ProfileArgs {
     perf: PathBuf,
     #[command(flatten)]
     load: harness::LoadSettings,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+/// The binary under test and where results go, for `run` and `profile`.
+#[derive(Debug, clap::Args)]
+struct OutputArgs {
     /// The edge binary, built with `cargo build --release -p edge`.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/edge"))]
     edge_bin: PathBuf,
     /// Folder for the results.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
     out: PathBuf,
-    /// Command line to record in the summary [default: this program's arguments].
+    /// Command line to record in the results [default: this program's arguments].
     #[arg(long)]
     command: Option<String>,
-    /// Keep the temporary folder with configurations, proxy logs and perf logs.
+    /// Keep the temporary folder with configurations and the logs of the proxies and perf.
     #[arg(long)]
     keep_run_dir: bool,
+}
+
+impl OutputArgs {
+    /// Returns the command line to record: `--command`, or this program's arguments.
+    fn command_line(&self) -> String {
+        self.command.clone().unwrap_or_else(|| {
+            let argv: Vec<String> = std::env::args().collect();
+            argv.join(" ")
+        })
+    }
 }
 
 /// Pacing of `bench load`.
@@ -247,10 +254,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let command = args.command.unwrap_or_else(|| {
-        let argv: Vec<String> = std::env::args().collect();
-        argv.join(" ")
-    });
+    let command = args.output.command_line();
     let options = harness::Options {
         quick: args.quick,
         rounds: args.rounds,
@@ -260,10 +264,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         scenarios: args.scenarios,
         fixed_rate: args.fixed_rate,
         proxies: args.proxies,
-        edge_bin: args.edge_bin,
-        out: args.out,
+        edge_bin: args.output.edge_bin,
+        out: args.output.out,
         command,
-        keep_run_dir: args.keep_run_dir,
+        keep_run_dir: args.output.keep_run_dir,
         idle_connections: args.idle_connections,
     };
     let latest = harness::run(&options)?;
@@ -273,10 +277,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 fn profile(args: ProfileArgs) -> anyhow::Result<()> {
-    let command = args.command.unwrap_or_else(|| {
-        let argv: Vec<String> = std::env::args().collect();
-        argv.join(" ")
-    });
+    let command = args.output.command_line();
     let options = profile::Options {
         proxy: args.proxy,
         scenario: args.scenario,
@@ -287,10 +288,10 @@ fn profile(args: ProfileArgs) -> anyhow::Result<()> {
         inline: !args.no_inline,
         perf: args.perf,
         load: args.load,
-        edge_bin: args.edge_bin,
-        out: args.out,
+        edge_bin: args.output.edge_bin,
+        out: args.output.out,
         command,
-        keep_run_dir: args.keep_run_dir,
+        keep_run_dir: args.output.keep_run_dir,
     };
     let summary = profile::run(&options)?;
     println!("{}", std::fs::read_to_string(&summary).unwrap_or_default());

@@ -444,7 +444,7 @@ fn render_targets(out: &mut String, results: &RunResults) {
         .map(|check| {
             let measured = check
                 .measured
-                .map_or_else(|| "–".to_owned(), |v| format!("{v:.2}{}", check.unit));
+                .map_or_else(|| "–".to_owned(), |v| measured_text(v, check.unit));
             let verdict = match &check.verdict {
                 Verdict::Met => "yes".to_owned(),
                 Verdict::Missed => "no".to_owned(),
@@ -572,6 +572,16 @@ fn edge_checks(results: &RunResults) -> Vec<Check> {
         edge_idle,
     ));
     checks
+}
+
+/// Formats a check's measured value: microseconds as whole numbers with grouped digits, as
+/// in the latency tables, and ratios and sizes with two decimals.
+fn measured_text(value: f64, unit: &str) -> String {
+    if unit == " µs" {
+        format!("{}{unit}", thousands(value))
+    } else {
+        format!("{value:.2}{unit}")
+    }
 }
 
 /// Checks the edge's p99 minus the direct path's p99 at the fixed rate. The goal is set at half
@@ -1219,6 +1229,13 @@ mod tests {
             markdown.contains("| RSS per idle keep-alive TLS connection, edge | < 16 KiB | – |"),
             "{markdown}"
         );
+    }
+
+    #[test]
+    fn measured_text_groups_microseconds() {
+        assert_eq!(measured_text(2447.0, " µs"), "2,447 µs");
+        assert_eq!(measured_text(12.214, " KiB"), "12.21 KiB");
+        assert_eq!(measured_text(1.5, "×"), "1.50×");
     }
 
     #[test]

@@ -244,18 +244,9 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::fold::Stack;
 
-    fn stacks(lines: &[(&str, u64)]) -> FoldedStacks {
-        FoldedStacks {
-            stacks: lines
-                .iter()
-                .map(|(frames, samples)| Stack {
-                    frames: frames.split(';').map(str::to_owned).collect(),
-                    samples: *samples,
-                })
-                .collect(),
-        }
+    fn stacks(pairs: &[(&str, u64)]) -> FoldedStacks {
+        FoldedStacks::from_pairs(pairs)
     }
 
     fn frame(name: &str, depth: usize, start: u64, samples: u64) -> FlameFrame {

@@ -50,6 +50,20 @@ impl FoldedStacks {
         }
         text
     }
+
+    /// Builds stacks from `("a;b;c", samples)` pairs, for tests.
+    #[cfg(test)]
+    pub fn from_pairs(pairs: &[(&str, u64)]) -> Self {
+        Self {
+            stacks: pairs
+                .iter()
+                .map(|(frames, samples)| Stack {
+                    frames: frames.split(';').map(str::to_owned).collect(),
+                    samples: *samples,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Whether a frame of a collapsed stack runs in the kernel or in user space.

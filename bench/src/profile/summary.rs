@@ -557,18 +557,9 @@ fn percent(part: u64, total: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::fold::Stack;
 
-    fn stacks(lines: &[(&str, u64)]) -> FoldedStacks {
-        FoldedStacks {
-            stacks: lines
-                .iter()
-                .map(|(frames, samples)| Stack {
-                    frames: frames.split(';').map(str::to_owned).collect(),
-                    samples: *samples,
-                })
-                .collect(),
-        }
+    fn stacks(pairs: &[(&str, u64)]) -> FoldedStacks {
+        FoldedStacks::from_pairs(pairs)
     }
 
     fn sample_stacks() -> FoldedStacks {
