@@ -494,9 +494,8 @@ type ClientTls = (
     Option<quinn::ClientConfig>,
 );
 
-/// With a new connection per request, a timed run skips checking the server's handshake
-/// signature, so that the client's own CPU limits the handshake rate less; see
-/// [`SignatureCheck`].
+/// Returns the signature check of a timed run. With a new connection per request, the
+/// client skips it to spend less CPU per handshake (see [`SignatureCheck`]).
 fn signature_check(mode: Mode) -> SignatureCheck {
     match mode {
         Mode::NewConnection => SignatureCheck::Skip,

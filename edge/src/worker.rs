@@ -307,10 +307,10 @@ fn run(
     runtime.block_on(worker_main(id, shared, listeners, stop))
 }
 
-/// Builds a worker's io_uring runtime. The ring is created, submitted to and reaped on this
-/// thread only, so with `deferred` it tells the kernel so (`SINGLE_ISSUER`) and asks it to
-/// post completions when the worker waits for them (`DEFER_TASKRUN`, with `COOP_TASKRUN`)
-/// rather than interrupting the worker with task work as each socket becomes ready.
+/// Builds a worker's io_uring runtime. Only this thread creates, submits to and reaps the
+/// ring. With `deferred`, the ring is declared single-issuer (`SINGLE_ISSUER`), and the kernel
+/// posts completions when the worker waits for them (`DEFER_TASKRUN`, with `COOP_TASKRUN`)
+/// instead of interrupting the worker with task work as each socket becomes ready.
 fn uring_runtime(
     deferred: bool,
 ) -> io::Result<monoio::Runtime<monoio::time::TimeDriver<IoUringDriver>>> {
