@@ -338,6 +338,11 @@ pub fn interrupt_flag() -> anyhow::Result<Arc<AtomicBool>> {
 /// results file cannot be written, and with [`Interrupted`] after Ctrl-C. A proxy that
 /// cannot be found or does not start is skipped and reported, not an error.
 pub fn run(options: &Options) -> anyhow::Result<PathBuf> {
+    // The edge is what the run is for, so a missing binary ends it before any measurement
+    // rather than leaving a report of the other proxies alone.
+    if options.proxies.contains(&ProxyKind::Edge) {
+        proxies::locate(ProxyKind::Edge, &options.edge_bin)?;
+    }
     let interrupted = interrupt_flag()?;
     let run_dir = RunDir::create(options.keep_run_dir)?;
     let result = run_in(options, &run_dir.path, &interrupted);

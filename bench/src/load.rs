@@ -243,6 +243,14 @@ pub fn start(config: &LoadConfig, stop: Arc<AtomicBool>) -> anyhow::Result<Runni
             );
         }
     }
+    if config.pacer_resolution > MAX_PACER_RESOLUTION {
+        bail!(
+            "pacer resolution must be at most {} so that requests still leave close to their due \
+             times, not {}; use microseconds, for example 50us",
+            humantime::format_duration(MAX_PACER_RESOLUTION),
+            humantime::format_duration(config.pacer_resolution)
+        );
+    }
     let (tls, quic) = client_tls(config.protocol, signature_check(config.mode), &config.host)?;
     let start = Instant::now() + START_DELAY;
     let measure_from = start + config.warmup;
@@ -528,6 +536,10 @@ fn client_tls(
         ),
     })
 }
+
+/// Longest accepted time between two wake-ups of the open-loop pacer. Groups of requests
+/// released this far apart are already bursts, not an open-loop load.
+const MAX_PACER_RESOLUTION: Duration = Duration::from_millis(1);
 
 /// State every connection task of a run reads.
 struct Shared {
@@ -1150,6 +1162,19 @@ mod tests {
         let report = open_loop_run(true);
         assert_eq!(report.responses, 0);
         assert_eq!(report.error_count(), 0);
+    }
+
+    #[test]
+    fn coarse_pacer_resolution_is_rejected() {
+        let config = LoadConfig {
+            pacer_resolution: Duration::from_millis(2),
+            ..config(Protocol::Http1, Mode::Open { rate_per_s: 10.0 })
+        };
+        let error = start_error(&config);
+        assert!(
+            error.starts_with("pacer resolution must be at most 1ms"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -198,13 +198,16 @@ struct LoadArgs {
     /// Request path.
     #[arg(long, default_value = "/")]
     path: String,
+    /// Protocol of the requests.
     #[arg(long, value_enum, default_value = "h1")]
     protocol: Protocol,
+    /// Sending pattern: back to back, at a fixed rate, or each request on a new connection.
     #[arg(long, value_enum, default_value = "closed")]
     mode: ModeArg,
     /// Total requests per second of `--mode open`.
     #[arg(long)]
     rate: Option<f64>,
+    /// Connections, spread over the threads.
     #[arg(long, default_value_t = 32)]
     connections: usize,
     /// Concurrent streams on each connection, with `--protocol h2` or `h3`.
@@ -337,6 +340,12 @@ fn load(args: &LoadArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_report(&report);
+    }
+    if report.responses == 0 {
+        anyhow::bail!(
+            "no request succeeded in the measured window; the errors above say why, and \
+             `--target` must be a loopback address where a server is listening"
+        );
     }
     Ok(())
 }

@@ -192,6 +192,11 @@ const ALLOCATION: Matcher = Matcher::AnyOf(&[
     Matcher::UserPrefix("__libc_free"),
     Matcher::UserPrefix("__libc_calloc"),
     Matcher::UserPrefix("__libc_realloc"),
+    // glibc's internal aliases, as its symbol table names them.
+    Matcher::UserPrefix("__GI___libc_malloc"),
+    Matcher::UserPrefix("__GI___libc_free"),
+    Matcher::UserPrefix("__GI___libc_calloc"),
+    Matcher::UserPrefix("__GI___libc_realloc"),
     Matcher::UserPrefix("_int_malloc"),
     Matcher::UserPrefix("_int_free"),
     Matcher::UserPrefix("_int_realloc"),
@@ -644,6 +649,20 @@ mod tests {
             let path = NAMED_PATHS.iter().find(|p| p.name == name).unwrap();
             assert_eq!(path_samples(&nginx, path), 2, "{name}");
         }
+    }
+
+    #[test]
+    fn allocation_counts_glibc_internal_names() {
+        let nginx = stacks(&[
+            ("nginx;ngx_ssl_write;__GI___libc_malloc", 3),
+            ("nginx;ngx_ssl_write;__GI___libc_free", 2),
+            ("nginx;ngx_ssl_write;[libcrypto.so.3]", 4),
+        ]);
+        let path = NAMED_PATHS
+            .iter()
+            .find(|p| p.name == "heap allocation (user space)")
+            .unwrap();
+        assert_eq!(path_samples(&nginx, path), 5);
     }
 
     #[test]
