@@ -50,7 +50,8 @@ pub enum IoDriver {
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// Plain-HTTP listener address (Traefik's `web` entry point).
+    /// Plain-HTTP listener address (Traefik's `web` entry point). `edge demo` uses
+    /// 127.0.0.1:8080 unless this is set.
     #[arg(
         long,
         global = true,
@@ -58,7 +59,8 @@ pub struct RunArgs {
         default_value = "0.0.0.0:80"
     )]
     pub http_addr: SocketAddr,
-    /// HTTPS listener address (Traefik's `websecure` entry point).
+    /// HTTPS listener address (Traefik's `websecure` entry point). `edge demo` uses
+    /// 127.0.0.1:8443 unless this is set.
     #[arg(
         long,
         global = true,
