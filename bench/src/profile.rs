@@ -31,7 +31,7 @@ use crate::{
     harness::{self, Interrupted, LoadSettings, RunDir, Target, Testbed},
     load::{self, LoadReport},
     procfs::{self, ClockTicks},
-    proxies::ProxyKind,
+    proxies::{self, ProxyKind},
     report::{thousands, Timestamp},
     results::Scenario,
 };
@@ -90,6 +90,8 @@ pub struct Options {
 /// written, and with [`Interrupted`] after Ctrl-C.
 pub fn run(options: &Options) -> anyhow::Result<PathBuf> {
     validate(options)?;
+    // A proxy that is not installed fails here, before a run folder with nothing to explain.
+    proxies::locate(options.proxy, &options.edge_bin)?;
     let perf_version = perf_version(&options.perf)?;
     let interrupted = harness::interrupt_flag()?;
     let run_dir = RunDir::create(options.keep_run_dir)?;
