@@ -46,9 +46,9 @@ const PERF_INSTALL_HINT: &str = "install it with `apt-get install linux-perf` (D
 /// Largest stack copy perf accepts for DWARF unwinding, in bytes (perf 6.1 `record --help`).
 const MAX_STACK_BYTES: u32 = 65_528;
 
-/// Load added after the recording window. perf starts its `sleep` only after it has attached
-/// to the processes, so the recording ends after the window (perf ran 7.2 s for a 6 s sleep
-/// of the edge), and the load must still run then, not close its connections.
+/// Load added after the recording window, so that the load still runs when perf stops.
+/// perf starts its `sleep` only after it has attached to the processes, so the recording
+/// ends late: perf ran 7.2 s for a 6 s sleep of the edge.
 const LOAD_TAIL: Duration = Duration::from_secs(2);
 
 /// Time between two checks of whether perf has exited or Ctrl-C was pressed.

@@ -280,13 +280,13 @@ fn run(
 ) -> io::Result<()> {
     let driver = shared.settings.io_driver;
     if driver != IoDriver::Epoll {
-        // The deferred-completion flags need Linux 6.1; an older kernel rejects them with
+        // The deferred-completion flags need Linux 6.1. An older kernel rejects them with
         // EINVAL, and the ring is then built without them.
         let runtime = uring_runtime(true).or_else(|e| {
             if e.raw_os_error() != Some(libc::EINVAL) {
                 return Err(e);
             }
-            warn!(worker = id, error = %e, "io_uring rejects deferred completions, using it without");
+            warn!(worker = id, error = %e, "io_uring rejected the deferred-completion flags, building the ring without them");
             uring_runtime(false)
         });
         match runtime {
